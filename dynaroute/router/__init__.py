@@ -1,0 +1,1 @@
+"""Router models, routing policies and calibration."""

@@ -1,0 +1,47 @@
+"""Routing policies: router scores plus a threshold -> a Route.
+
+CONTRACT (shared by the router and the gateway; keep these names and fields):
+- `Route`: what to run for one input and how to combine it.
+- `Policy.route(correct_prob, gate, threshold)`: one input's decision.
+Policy implementations live beside this file, one class each, registered in POLICIES.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Route:
+    """subnets: names run side by side (one, or k path branches for top-k);
+    weights: aggregation weights over `subnets` (sum to 1; logits are combined by them);
+    escalation: cascade only, the larger subnets to try next, in order, while the answer's
+    confidence (max softmax) is below `confidence_bound`;
+    confidence_bound: the cascade's bound, also the early-exit bound inside experts
+    (None: no early exit, run the subnet to its last block)."""
+
+    subnets: tuple[str, ...]
+    weights: tuple[float, ...]
+    escalation: tuple[str, ...] = ()
+    confidence_bound: float | None = None
+    policy: str = ""
+
+
+class Policy(ABC):
+    """Turns one input's router scores into a Route. `subnet_names` and `subnet_flops` are in
+    the order of the router's outputs (the bundle's subnet order)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, subnet_names: list[str], subnet_flops: list[int], **options: float):
+        self.subnet_names = subnet_names
+        self.subnet_flops = np.asarray(subnet_flops, dtype=np.float64)
+        self.options = options
+
+    @abstractmethod
+    def route(self, correct_prob: np.ndarray, gate: np.ndarray, threshold: float) -> Route:
+        """correct_prob: [S] predicted P(subnet answers correctly); gate: [K] path weights."""

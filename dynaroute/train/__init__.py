@@ -1,0 +1,1 @@
+"""Training: supernets, routers, evaluation and the accuracy-compute report."""

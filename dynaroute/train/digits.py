@@ -1,0 +1,66 @@
+"""`dynaroute train digits`: the embedded default, end to end, into a bundle."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dynaroute.bundle import Bundle, save_weights, write_manifest
+from dynaroute.data import load_digits_splits
+from dynaroute.experts.mlp import MLPConfig, SlimmableMLP
+from dynaroute.train.evaluate import describe_subnets, subnet_probs
+from dynaroute.train.supernet import SupernetTrainConfig, seed_everything, train_supernet
+
+
+def train_digits(
+    out: str | Path,
+    model_config: MLPConfig | None = None,
+    train_config: SupernetTrainConfig | None = None,
+    name: str = "digits",
+    progress: bool = True,
+) -> Bundle:
+    """Train the digits supernet (and its router), evaluate every subnet, write a bundle."""
+    out = Path(out)
+    model_config = model_config or MLPConfig()
+    train_config = train_config or SupernetTrainConfig()
+    started = time.perf_counter()
+    seed_everything(train_config.seed)
+    splits = load_digits_splits()
+    model = SlimmableMLP(model_config)
+    train_supernet(model, splits.train, train_config, progress=progress)
+
+    split_map = {"train": splits.train, "val": splits.val, "test": splits.test}
+    probs = {k: subnet_probs(model, torch.as_tensor(s.x)) for k, s in split_map.items()}
+    labels = {k: s.y for k, s in split_map.items()}
+    example = torch.as_tensor(splits.test.x[:1])
+    subnets = describe_subnets(model, example, {k: probs[k] for k in ("val", "test")}, labels)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "supernet.safetensors")
+    manifest = {
+        "name": name,
+        "task": {"kind": "classification", "labels": [str(i) for i in range(model_config.num_classes)]},
+        "input": {"kind": "tensor", "dtype": "float32", "shape": [model_config.in_features]},
+        "supernet": {
+            "family": SlimmableMLP.family,
+            "config": model_config.to_dict(),
+            "weights": "supernet.safetensors",
+            "training": asdict(train_config),
+        },
+        "subnets": subnets,
+        "full_subnet": model.full_spec.name,
+        "data": {"name": "sklearn digits", "split_sizes": {k: len(s) for k, s in split_map.items()}},
+    }
+    from dynaroute.router.fit import fit_router_and_calibrate
+
+    manifest.update(
+        fit_router_and_calibrate(
+            model, splits, probs, labels, subnets, out, progress=progress
+        )
+    )
+    manifest["train_seconds"] = round(time.perf_counter() - started, 1)
+    write_manifest(out, manifest)
+    return Bundle.load(out)

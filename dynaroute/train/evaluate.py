@@ -1,0 +1,74 @@
+"""Evaluation of every subnet: accuracy per split, measured FLOPs, parameters and latency."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynaroute.experts.base import DynamicModel
+from dynaroute.experts.flops import count_flops, count_params, exit_flops
+from dynaroute.experts.spec import SubnetSpec
+
+
+@torch.no_grad()
+def subnet_probs(model: DynamicModel, x: Any, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Softmax outputs of every subnet on `x`: name -> [N, classes]. One pass per width and
+    path gives all depths at once, since exit i is the subnet of depth i + 1."""
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {}
+    n = len(x) if not isinstance(x, tuple) else len(x[0])
+    by_width_path = sorted({(s.width, s.path) for s in model.subnets()})
+    for start in range(0, n, batch_size):
+        xb = x[start : start + batch_size] if not isinstance(x, tuple) else tuple(t[start : start + batch_size] for t in x)
+        xb = torch.as_tensor(xb) if not isinstance(xb, tuple) else xb
+        for width, path in by_width_path:
+            exits = model.forward_exits(xb, width, path)
+            for depth, logits in enumerate(exits, start=1):
+                spec = SubnetSpec(width, depth, path)
+                out.setdefault(spec.name, []).append(torch.softmax(logits, -1).numpy())
+    names = {s.name for s in model.subnets()}
+    return {k: np.concatenate(v) for k, v in out.items() if k in names}
+
+
+def median_latency_ms(module: torch.nn.Module, example: Any, repeats: int = 30) -> float:
+    """Median wall-clock of one in-process forward at batch 1 (after warm-up)."""
+    with torch.no_grad():
+        for _ in range(3):
+            module(example)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            module(example)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def describe_subnets(
+    model: DynamicModel,
+    example: Any,
+    probs: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    measure_latency: bool = True,
+) -> list[dict[str, Any]]:
+    """Manifest entries: each subnet's FLOPs, parameters, accuracy per split and latency.
+
+    `probs[split][name]` are the subnet's softmax outputs and `labels[split]` the truth.
+    """
+    rows = []
+    for spec in model.subnets():
+        sub = model.extract(spec)
+        row: dict[str, Any] = {
+            "name": spec.name,
+            **spec.to_dict(),
+            "params": count_params(sub),
+            "flops": count_flops(sub, example),
+            "exit_flops": exit_flops(sub, example),
+        }
+        for split, split_probs in probs.items():
+            row[f"{split}_accuracy"] = float((split_probs[spec.name].argmax(-1) == labels[split]).mean())
+        row["latency_ms"] = median_latency_ms(sub, example) if measure_latency else None
+        rows.append(row)
+    return rows
