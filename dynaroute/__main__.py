@@ -1,0 +1,3 @@
+from dynaroute.cli import main
+
+raise SystemExit(main())

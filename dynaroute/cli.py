@@ -1,0 +1,125 @@
+"""The `dynaroute` command line. Each subcommand's work lives in the module named for it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.task == "digits":
+        from dynaroute.experts.mlp import MLPConfig
+        from dynaroute.train.digits import train_digits
+        from dynaroute.train.supernet import SupernetTrainConfig
+
+        bundle = train_digits(
+            args.out,
+            MLPConfig(num_paths=args.paths),
+            SupernetTrainConfig(epochs=args.epochs or SupernetTrainConfig.epochs, seed=args.seed),
+            name=args.name or "digits",
+        )
+        print(f"wrote bundle {bundle.name!r} to {args.out} in {bundle.manifest['train_seconds']} s")
+        return 0
+    from dynaroute.train.text import main_sst2
+
+    return main_sst2(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dynaroute.train.report import main_eval
+
+    return main_eval(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dynaroute.gateway.server import main_serve
+
+    return main_serve(args)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from dynaroute.client import main_infer
+
+    return main_infer(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dynaroute.demo import main_demo
+
+    return main_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynaroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a supernet and its router, write a bundle")
+    p.add_argument("task", choices=["digits", "sst2"])
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--name", default=None, help="model name (default: the task)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--paths", type=int, default=1, help="digits: number of path branches")
+    p.add_argument("--data", default=None, help="sst2: folder with train.tsv and dev.tsv")
+    p.add_argument("--max-length", type=int, default=64, help="sst2: maximum tokens per sentence")
+    p.add_argument("--max-examples", type=int, default=None, help="sst2: use at most this many training examples")
+    p.add_argument("--base-model", default=None, help="sst2: local BERT folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--steps", type=int, default=None, help="sst2: cap the steps of each stage (tiny runs)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a bundle: subnets, dynamic model, oracle")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", default=None, help="where to write pareto.png and report.json (default: the bundle)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("serve", help="serve a bundle over gRPC on Ray")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9464)
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--placement", default=None, help="JSON file mapping subnets to actors and resources")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--auth-token-file", default=None, help="require 'authorization: Bearer <token>'")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("infer", help="send one input to a server and print label, route and cost")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--model", default=None, help="model name (default: the server's only model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tensor", help=".npy or .json file holding one input")
+    src.add_argument("--text", help="a sentence")
+    src.add_argument("--text-file", help="a file holding one sentence")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--quality", type=float)
+    b.add_argument("--max-flops", type=float)
+    b.add_argument("--target-accuracy", type=float)
+    b.add_argument("--subnet")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--timeout-s", type=float, default=10.0)
+    p.add_argument("--ca", default=None, help="CA certificate to verify a TLS server")
+    p.add_argument("--cert", default=None)
+    p.add_argument("--key", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_infer)
+
+    p = sub.add_parser("demo", help="train (if absent), serve on local Ray, send the test split, report")
+    p.add_argument("--bundle", default="artifacts/digits")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

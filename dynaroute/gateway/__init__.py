@@ -1,0 +1,1 @@
+"""The gRPC gateway: servicers, batching, dispatch to Ray experts, aggregation."""

@@ -1,0 +1,80 @@
+"""CONTRACT between the API layer (servicers, client) and the engine (router, batching, Ray).
+
+The servicers decode a wire request into an `InferRequest`, call `Engine.infer`, and encode
+the `InferResult`. Keep these names and fields; add fields only with defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from dynaroute.router.budget import Budget
+
+
+@dataclass
+class InferRequest:
+    model: str
+    id: str
+    tensor: np.ndarray | None = None  # one example, the bundle's input dtype and shape
+    text: str | None = None  # text models: one sentence, tokenised in the gateway
+    budget: Budget = field(default_factory=Budget)
+    deadline: float | None = None  # time.monotonic() by which the reply is due
+
+
+@dataclass
+class RouteTaken:
+    subnets: list[str]  # subnets that produced the answer (k path branches for top-k)
+    weights: list[float]
+    escalations: int = 0  # cascade steps taken beyond the first subnet
+    exit_depths: list[int] = field(default_factory=list)  # depth each subnet's answer left at
+    fallbacks: list[str] = field(default_factory=list)  # "wanted->used" when an expert was down
+    policy: str = ""
+
+
+@dataclass
+class Cost:
+    router_flops: int
+    expert_flops: int
+    full_flops: int  # the static full model's FLOPs for one example
+    queue_s: float
+    compute_s: float
+    total_s: float
+
+    @property
+    def flops(self) -> int:
+        return self.router_flops + self.expert_flops
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops / self.full_flops
+
+
+@dataclass
+class InferResult:
+    id: str
+    logits: np.ndarray
+    label: int
+    label_name: str
+    confidence: float
+    route: RouteTaken
+    cost: Cost
+
+
+class Engine(Protocol):
+    """What the servicers need. `infer` raises the exceptions of dynaroute.errors."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def model_info(self) -> dict[str, Any]:
+        """The bundle manifest's public part: input spec, labels, subnets (name, width, depth,
+        path, flops, params, val_accuracy), router flops, calibration table."""
+        ...
+
+    async def infer(self, request: InferRequest) -> InferResult: ...
