@@ -26,7 +26,9 @@ class Budget:
             n for n in ("quality", "max_flops", "target_accuracy", "subnet") if getattr(self, n) is not None
         ]
         if len(set_fields) > 1:
-            raise InvalidInputError(f"budget: set at most one of quality, max_flops, target_accuracy, subnet; got {set_fields}")
+            raise InvalidInputError(
+                f"budget: set at most one of quality, max_flops, target_accuracy, subnet; got {set_fields}"
+            )
         for name in ("quality", "target_accuracy"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or not 0.0 <= v <= 1.0):

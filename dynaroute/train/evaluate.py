@@ -22,8 +22,10 @@ def subnet_probs(model: DynamicModel, x: Any, batch_size: int = 512) -> dict[str
     n = len(x) if not isinstance(x, tuple) else len(x[0])
     by_width_path = sorted({(s.width, s.path) for s in model.subnets()})
     for start in range(0, n, batch_size):
-        xb = x[start : start + batch_size] if not isinstance(x, tuple) else tuple(t[start : start + batch_size] for t in x)
-        xb = torch.as_tensor(xb) if not isinstance(xb, tuple) else xb
+        if isinstance(x, tuple):  # text models: (token ids, attention mask)
+            xb = tuple(t[start : start + batch_size] for t in x)
+        else:
+            xb = torch.as_tensor(x[start : start + batch_size])
         for width, path in by_width_path:
             exits = model.forward_exits(xb, width, path)
             for depth, logits in enumerate(exits, start=1):
