@@ -1,0 +1,32 @@
+"""Shared fixtures. Bundles are trained once per session into a temporary directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def digits_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default digits bundle (one path), trained once for the whole test session."""
+    from dynaroute.train.digits import train_digits
+
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    train_digits(out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_paths_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mixture-of-paths digits bundle (two branches), for top-k path routing."""
+    from dynaroute.experts.mlp import MLPConfig
+    from dynaroute.train.digits import train_digits
+    from dynaroute.train.supernet import SupernetTrainConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "digits_paths"
+    train_digits(out, MLPConfig(num_paths=2), SupernetTrainConfig(epochs=40), name="digits-paths", progress=False)
+    return out
