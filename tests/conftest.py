@@ -30,3 +30,14 @@ def digits_paths_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "digits_paths"
     train_digits(out, MLPConfig(num_paths=2), SupernetTrainConfig(epochs=40), name="digits-paths", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_server(digits_bundle_dir: Path):
+    """`dynaroute serve` on the digits bundle (subprocess, local Ray, free ports), shared by the
+    integration and e2e tests of the API; stopped with SIGTERM at the end of the session."""
+    from tests.serving import ServerProcess
+
+    server = ServerProcess.start(digits_bundle_dir, "--max-message-bytes", "65536")
+    yield server
+    server.stop()

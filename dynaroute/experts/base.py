@@ -76,6 +76,11 @@ class DynamicModel(nn.Module, ABC):
     def extract(self, spec: SubnetSpec) -> StagedModule:
         """A standalone module with sliced weights whose logits equal `forward(x, spec)`."""
 
+    def subnet_logits(self, x: Any, width: float, path: int = 0) -> dict[int, torch.Tensor]:
+        """Each static subnet's logits at this width and path, by depth. The default reads them
+        off the exits; families whose shallow subnets are not prefixes (DynaBERT) override it."""
+        return dict(enumerate(self.forward_exits(x, width, path), start=1))
+
     def forward(self, x: Any, spec: SubnetSpec) -> torch.Tensor:
         self.check_spec(spec)
         return self.forward_exits(x, spec.width, spec.path)[spec.depth - 1]

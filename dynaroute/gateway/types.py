@@ -22,6 +22,7 @@ class InferRequest:
     text: str | None = None  # text models: one sentence, tokenised in the gateway
     budget: Budget = field(default_factory=Budget)
     deadline: float | None = None  # time.monotonic() by which the reply is due
+    api: str = "native"  # which gRPC API it came in by ("native" or "kserve"), for metrics labels
 
 
 @dataclass

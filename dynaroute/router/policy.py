@@ -45,3 +45,22 @@ class Policy(ABC):
     @abstractmethod
     def route(self, correct_prob: np.ndarray, gate: np.ndarray, threshold: float) -> Route:
         """correct_prob: [S] predicted P(subnet answers correctly); gate: [K] path weights."""
+
+
+# name -> Policy class. Filled by `register_policy` in threshold.py, cascade.py and topk.py,
+# which dynaroute/router/__init__.py imports, so the dict is complete once the package is.
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(name: str, subnet_names: list[str], subnet_flops: list[int], **options: float) -> Policy:
+    """Build a registered policy; an unknown name is the caller's input error."""
+    from dynaroute.errors import InvalidInputError
+
+    if name not in POLICIES:
+        raise InvalidInputError(f"unknown policy {name!r}; expected one of {sorted(POLICIES)}")
+    return POLICIES[name](subnet_names, subnet_flops, **options)

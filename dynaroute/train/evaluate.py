@@ -16,7 +16,7 @@ from dynaroute.experts.spec import SubnetSpec
 @torch.no_grad()
 def subnet_probs(model: DynamicModel, x: Any, batch_size: int = 512) -> dict[str, np.ndarray]:
     """Softmax outputs of every subnet on `x`: name -> [N, classes]. One pass per width and
-    path gives all depths at once, since exit i is the subnet of depth i + 1."""
+    path gives all depths at once (`DynamicModel.subnet_logits`)."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     n = len(x) if not isinstance(x, tuple) else len(x[0])
@@ -27,8 +27,7 @@ def subnet_probs(model: DynamicModel, x: Any, batch_size: int = 512) -> dict[str
         else:
             xb = torch.as_tensor(x[start : start + batch_size])
         for width, path in by_width_path:
-            exits = model.forward_exits(xb, width, path)
-            for depth, logits in enumerate(exits, start=1):
+            for depth, logits in model.subnet_logits(xb, width, path).items():
                 spec = SubnetSpec(width, depth, path)
                 out.setdefault(spec.name, []).append(torch.softmax(logits, -1).numpy())
     names = {s.name for s in model.subnets()}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Join a worker node to the Ray cluster started by start-head.sh.
+#
+#   deploy/ray/start-worker.sh HEAD_IP:PORT [RESOURCES_JSON]
+#
+# The node advertises a custom resource (default {"gpu_node": 1} on a machine with an NVIDIA
+# GPU, {"cpu_node": 1} otherwise) that placement.json uses to pin experts to it. Ray detects
+# the GPUs itself (num_gpus). Copy the head's ~/.ray/auth_token here first: Ray's token
+# authentication is on and a node without the token is refused.
+set -euo pipefail
+
+ADDRESS=${1:?usage: start-worker.sh HEAD_IP:PORT [RESOURCES_JSON]}
+if [[ -n "${2:-}" ]]; then
+    RESOURCES=$2
+elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    RESOURCES='{"gpu_node": 1}'
+else
+    RESOURCES='{"cpu_node": 1}'
+fi
+
+export RAY_AUTH_MODE=token
+if [[ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" && -z "${RAY_AUTH_TOKEN:-}" ]]; then
+    echo "no Ray auth token: copy the head's ~/.ray/auth_token to this machine" >&2
+    exit 1
+fi
+ray start --address "$ADDRESS" --resources "$RESOURCES" --metrics-export-port 8080

@@ -1,0 +1,210 @@
+"""A micro-batcher: requests that arrive together go out as one call.
+
+Used per expert (one Ray actor call per batch) and for the router in the gateway process.
+When to send a batch:
+- at once when it is full (`max_batch_size`);
+- after one event-loop turn in which nothing else arrived: a lone request (concurrency 1)
+  pays a turn of the loop, not `max_wait_ms`;
+- after `max_wait_ms` at most while requests keep arriving;
+- while `max_inflight` calls are already running, requests wait and the batch grows: the
+  next call goes when one returns (this is what forms big batches under load).
+The queue is bounded: beyond `max_queue_size` waiting requests, `submit` raises
+OverloadedError instead of letting latency grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from dynaroute.errors import OverloadedError, UnavailableError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One request's answer, with where its time went."""
+
+    value: R
+    queue_s: float  # waiting in the batcher
+    call_s: float  # the batch call it was part of
+    batch_size: int
+
+
+class MicroBatcher(Generic[T, R]):
+    """Groups `submit(item)` calls into `run_batch(items) -> results` calls (same order).
+
+    `run_batch` may return an exception instance in place of a result to fail one item only;
+    if it raises, every item of the batch gets the exception.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue_size: int,
+        max_inflight: int | Callable[[], int] = 1,
+        name: str = "",
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ):
+        if max_batch_size < 1 or max_queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_wait_ms >= 0")
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1e3
+        self.max_queue_size = max_queue_size
+        self._max_inflight = max_inflight
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._pending: deque[tuple[T, asyncio.Future, float]] = deque()
+        self._inflight = 0
+        self._arrivals = 0  # submissions so far; compared across a loop turn to detect idleness
+        self._check_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _limit(self) -> int:
+        m = self._max_inflight
+        return max(1, m() if callable(m) else m)
+
+    async def submit(self, item: T) -> Batched[R]:
+        """Queue one item and wait for its result. Raises OverloadedError when the queue is full,
+        UnavailableError after close(). Cancelling the caller drops the item if not yet sent."""
+        if self._closed:
+            raise UnavailableError(f"batcher {self.name!r} is closed")
+        if len(self._pending) >= self.max_queue_size:
+            raise OverloadedError(
+                f"queue {self.name!r} is full ({self.max_queue_size} waiting); retry later"
+            )
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut, time.perf_counter()))
+        self._arrivals += 1
+        self._depth_changed()
+        if len(self._pending) >= self.max_batch_size:
+            self._flush_if_allowed()
+        else:
+            self._schedule_check()
+        return await fut
+
+    def _depth_changed(self) -> None:
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(len(self._pending))
+
+    def _schedule_check(self) -> None:
+        if self._check_scheduled:
+            return
+        self._check_scheduled = True
+        arrivals = self._arrivals
+        asyncio.get_running_loop().call_soon(self._check, arrivals)
+
+    def _check(self, arrivals_before: int) -> None:
+        """One loop turn after an arrival: send if the loop was idle or the oldest waited enough."""
+        self._check_scheduled = False
+        if not self._pending:
+            return
+        waited = time.perf_counter() - self._pending[0][2]
+        if self._arrivals == arrivals_before or waited >= self.max_wait_s:
+            self._flush_if_allowed()
+            return
+        # Requests are still arriving: look again next turn, but never later than max_wait.
+        self._check_scheduled = True
+        arrivals = self._arrivals
+        loop = asyncio.get_running_loop()
+        if self._timer is None:
+            self._timer = loop.call_later(self.max_wait_s - waited, self._on_timer)
+        loop.call_soon(self._check, arrivals)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._pending:
+            self._flush_if_allowed()
+
+    def _flush_if_allowed(self) -> None:
+        """Send one batch unless enough calls are in flight (then a returning call sends it)."""
+        while self._pending and self._inflight < self._limit():
+            batch = self._take()
+            if not batch:
+                return
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            # Send a second batch at once only if the queue still holds a full one.
+            if len(self._pending) < self.max_batch_size:
+                break
+        if self._timer is not None and not self._pending:
+            self._timer.cancel()
+            self._timer = None
+
+    def _take(self) -> list[tuple[T, asyncio.Future, float]]:
+        batch: list[tuple[T, asyncio.Future, float]] = []
+        while self._pending and len(batch) < self.max_batch_size:
+            entry = self._pending.popleft()
+            if not entry[1].done():  # skip callers that gave up (deadline, cancellation)
+                batch.append(entry)
+        self._depth_changed()
+        return batch
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future, float]]) -> None:
+        start = time.perf_counter()
+        try:
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            try:
+                results: Sequence[R | BaseException] = await self._run_batch([e[0] for e in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
+            except asyncio.CancelledError:
+                for _, fut, _ in batch:
+                    if not fut.done():
+                        fut.set_exception(UnavailableError(f"batcher {self.name!r} was closed"))
+                raise
+            except Exception as e:  # fail every item of the batch, keep serving
+                results = [e] * len(batch)
+            call_s = time.perf_counter() - start
+            for (_, fut, t0), r in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(r, BaseException):
+                    fut.set_exception(r)
+                else:
+                    fut.set_result(Batched(r, start - t0, call_s, len(batch)))
+        finally:
+            self._inflight -= 1
+            if self._pending and not self._closed:
+                self._flush_if_allowed()
+
+    async def close(self) -> None:
+        """Refuse new items, fail queued ones with UnavailableError, cancel running calls."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, deque()
+        for _, fut, _ in pending:
+            if not fut.done():
+                fut.set_exception(UnavailableError(f"batcher {self.name!r} was closed"))
+        self._depth_changed()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

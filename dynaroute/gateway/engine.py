@@ -1,0 +1,400 @@
+"""RayEngine: validate, route (micro-batched router), dispatch to Ray experts, aggregate, count.
+
+CONTRACT (used by the servicers): `RayEngine.start(bundle_path, config)`, `model_name`,
+`ready`, `model_info()`, `infer(InferRequest)`, `drain()`, `close()`. Ray must already be
+initialised by the caller. `infer` raises the exceptions of dynaroute.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynaroute import metrics
+from dynaroute.bundle import Bundle
+from dynaroute.config import EngineConfig, PlacementConfig
+from dynaroute.errors import DeadlineError, DynarouteError, InvalidInputError, ModelNotFoundError, UnavailableError
+from dynaroute.gateway.aggregate import Outcome, SubnetAnswer, execute
+from dynaroute.gateway.batcher import MicroBatcher
+from dynaroute.gateway.deployment import create_actors, kill_actors, wait_ready
+from dynaroute.gateway.dispatch import (
+    Dispatcher,
+    ExpertCallError,
+    ExpertItem,
+    ExpertPool,
+    ExpertRowResult,
+    ExpertUnavailableError,
+    stack_rows,
+)
+from dynaroute.gateway.types import Cost, InferRequest, InferResult, RouteTaken
+from dynaroute.router.budget import Budget
+from dynaroute.router.policy import Route
+
+# A router batch item: (input row or sentence, budget, or a Route already fixed by a pin).
+_RouterItem = tuple[Any, Budget | Route]
+# Its answer: (route, input row for the experts, whether the router ran for it).
+_Routed = tuple[Route, Any, bool]
+
+
+class _ModelMetrics:
+    """The metric children of one model, looked up once (labels() costs a dict lookup and a lock)."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.duration = metrics.REQUEST_DURATION.labels(model)
+        self.queue = metrics.REQUEST_QUEUE.labels(model)
+        self.compute = metrics.REQUEST_COMPUTE.labels(model)
+        self.flops = metrics.REQUEST_FLOPS.labels(model)
+        self.ratio = metrics.REQUEST_FLOPS_RATIO.labels(model)
+        self.full_flops = metrics.FULL_FLOPS.labels(model)
+        self.escalations = metrics.ESCALATIONS.labels(model)
+        self.inflight = metrics.INFLIGHT.labels(model)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(self.model, *labels)
+        return c
+
+    def record(self, route: Route, outcome: Outcome, cost: Cost, router_ran: bool) -> None:
+        self.queue.observe(cost.queue_s)
+        self.compute.observe(cost.compute_s)
+        self.flops.observe(cost.flops)
+        self.ratio.observe(cost.flops_ratio)
+        self.full_flops.inc(cost.full_flops)
+        if router_ran:
+            self.child(metrics.FLOPS, "router").inc(cost.router_flops)
+        for s in route.subnets:
+            self.child(metrics.ROUTE_DECISIONS, s).inc()
+        for step in outcome.steps:
+            self.child(metrics.FLOPS, step.subnet).inc(step.flops)
+            self.child(metrics.EXITS, str(step.depth)).inc()
+            if step.fallback is not None:
+                reason = step.fallback.split(":", 1)[0]
+                self.child(metrics.FALLBACKS, reason).inc()
+        if outcome.escalations:
+            self.escalations.inc(outcome.escalations)
+
+
+class RayEngine:
+    """Serves one bundle: router in this process, experts as Ray actors."""
+
+    def __init__(self, bundle: Bundle, config: EngineConfig, router: Any, handles: dict[str, list[Any]]):
+        self.bundle = bundle
+        self.config = config
+        self.router = router
+        self._handles = handles
+        self._metrics = _ModelMetrics(bundle.name)
+        self._full_flops = bundle.full_flops
+        self._labels = bundle.labels
+        self._subnets = [s["name"] for s in bundle.subnet_infos]
+        spec = bundle.manifest["input"]
+        self._text = spec.get("kind") == "text"
+        self._encoder = None
+        if self._text:
+            from dynaroute.text import TextEncoder
+
+            self._encoder = TextEncoder.from_bundle(bundle)
+        else:
+            self._dtype = np.dtype(spec["dtype"])
+            self._shape = tuple(int(d) for d in spec["shape"])
+        placement = config.placement or self.default_placement(bundle, config)
+        model = bundle.name
+        pools = [
+            ExpertPool(
+                a.name,
+                a.subnets,
+                handles[a.name],
+                on_live=metrics.REPLICAS_LIVE.labels(model, a.name).set,
+            )
+            for a in placement.actors
+        ]
+        self.dispatcher = Dispatcher(
+            pools,
+            {s["name"]: int(s["flops"]) for s in bundle.subnet_infos},
+            {s["name"]: int(s["path"]) for s in bundle.subnet_infos},
+        )
+        self._batchers: dict[str, MicroBatcher[ExpertItem, ExpertRowResult]] = {}
+        for pool in pools:
+            self._batchers[pool.name] = MicroBatcher(
+                pool.run_items,
+                max_batch_size=config.max_batch_size,
+                max_wait_ms=config.max_wait_ms,
+                max_queue_size=config.max_queue_size,
+                max_inflight=lambda p=pool: p.live * config.max_inflight_batches,
+                name=f"expert {pool.name}",
+                on_batch=metrics.BATCH_SIZE.labels(model, pool.name).observe,
+                on_queue_depth=metrics.QUEUE_DEPTH.labels(model, pool.name).set,
+            )
+        self._router_batcher: MicroBatcher[_RouterItem, _Routed] = MicroBatcher(
+            self._route_batch,
+            max_batch_size=config.router_max_batch_size,
+            max_wait_ms=config.router_max_wait_ms,
+            max_queue_size=config.max_queue_size,
+            max_inflight=1,
+            name="router",
+            on_batch=metrics.BATCH_SIZE.labels(model, "router").observe,
+            on_queue_depth=metrics.QUEUE_DEPTH.labels(model, "router").set,
+        )
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @staticmethod
+    def default_placement(bundle: Bundle, config: EngineConfig) -> PlacementConfig:
+        return PlacementConfig.default(
+            [(s["name"], int(s["flops"])) for s in bundle.subnet_infos],
+            num_actors=config.default_num_actors,
+            num_cpus=config.default_num_cpus,
+        )
+
+    @classmethod
+    async def start(cls, bundle_path: str | Path, config: EngineConfig | None = None) -> RayEngine:
+        """Load the bundle and the router, create the expert actors, wait until they are ready."""
+        from dynaroute.router.runtime import RouterRuntime
+
+        config = config or EngineConfig()
+        bundle = Bundle.load(bundle_path)
+        placement = config.placement or cls.default_placement(bundle, config)
+        placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+        router = RouterRuntime.from_bundle(bundle, default_quality=config.default_quality)
+        handles = create_actors(bundle.root, placement, config)
+        try:
+            await wait_ready(handles, config.ready_timeout_s)
+        except BaseException:
+            kill_actors(handles)
+            raise
+        return cls(bundle, config, router, handles)
+
+    @property
+    def model_name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def ready(self) -> bool:
+        return not (self._draining or self._closed)
+
+    def model_info(self) -> dict[str, Any]:
+        m = self.bundle.manifest
+        keys = ("name", "task", "input", "full_subnet", "router", "calibration")
+        info = {k: m[k] for k in keys if k in m}
+        info["labels"] = self.bundle.labels
+        info["full_flops"] = self._full_flops
+        info["router_flops"] = int(self.router.flops)
+        info["subnets"] = [
+            {k: s.get(k) for k in ("name", "width", "depth", "path", "flops", "params", "val_accuracy", "exit_flops")}
+            for s in self.bundle.subnet_infos
+        ]
+        return info
+
+    async def drain(self) -> None:
+        """Refuse new requests (UnavailableError) and wait for the in-flight ones."""
+        self._draining = True
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop the batchers and kill the actors this engine created."""
+        self._draining = True
+        self._closed = True
+        await self._router_batcher.close()
+        for b in self._batchers.values():
+            await b.close()
+        for p in self.dispatcher.pools.values():
+            await p.close()
+        kill_actors(self._handles)
+        for p in self.dispatcher.pools.values():
+            metrics.REPLICAS_LIVE.labels(self.model_name, p.name).set(0)
+
+    # ---- one request -----------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        start = time.perf_counter()
+        if self._draining:
+            raise UnavailableError(f"model {self.model_name!r} is shutting down; retry on another server")
+        self._inflight += 1
+        self._idle.clear()
+        self._metrics.inflight.inc()
+        try:
+            if request.deadline is None:
+                return await self._infer(request, start)
+            remaining = request.deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineError(f"request {request.id!r}: the deadline passed before it was started")
+            try:
+                async with asyncio.timeout(remaining):
+                    return await self._infer(request, start)
+            except TimeoutError as e:
+                if isinstance(e, DynarouteError):
+                    raise
+                raise DeadlineError(
+                    f"request {request.id!r}: no answer within its deadline ({remaining * 1e3:.1f} ms)"
+                ) from None
+        finally:
+            self._metrics.duration.observe(time.perf_counter() - start)
+            self._metrics.inflight.dec()
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _infer(self, request: InferRequest, start: float) -> InferResult:
+        if request.model and request.model != self.model_name:
+            raise ModelNotFoundError(
+                f"model {request.model!r} is not served here; this server serves {self.model_name!r}"
+            )
+        x = self._validate_input(request)
+        budget = request.budget
+        queue_s = compute_s = 0.0
+        if budget.subnet is not None:
+            if budget.subnet not in self.dispatcher.pool_of:
+                raise InvalidInputError(f"budget.subnet {budget.subnet!r} is not a subnet of {self.model_name!r}; "
+                                        f"expected one of {self._subnets}")
+            pinned = Route((budget.subnet,), (1.0,), policy="pinned")
+        else:
+            pinned = None  # a budget with nothing set resolves to the router's default quality
+        if pinned is not None and not self._text:
+            route, row, router_ran = pinned, x, False  # nothing for the router to do
+        else:
+            b = await self._router_batcher.submit((x, pinned or budget))
+            (route, row, router_ran), queue_s, compute_s = b.value, b.queue_s, b.call_s
+
+        async def run(subnet: str, bound: float | None) -> SubnetAnswer:
+            return await self._run_subnet(subnet, row, bound)
+
+        outcome = await execute(route, run)
+        router_flops = int(self.router.flops) if router_ran else 0
+        cost = Cost(
+            router_flops=router_flops,
+            expert_flops=outcome.flops,
+            full_flops=self._full_flops,
+            queue_s=queue_s + outcome.queue_s,
+            compute_s=compute_s + outcome.compute_s,
+            total_s=time.perf_counter() - start,
+        )
+        self._metrics.record(route, outcome, cost, router_ran)
+        logits = np.asarray(outcome.logits, dtype=np.float32)
+        z = np.exp(logits - logits.max())
+        label = int(z.argmax())
+        return InferResult(
+            id=request.id,
+            logits=logits,
+            label=label,
+            label_name=self._labels[label],
+            confidence=float(z[label] / z.sum()),
+            route=RouteTaken(
+                subnets=[a.subnet for a in outcome.answers],
+                weights=list(route.weights) if len(outcome.answers) == len(route.weights) else [1.0],
+                escalations=outcome.escalations,
+                exit_depths=[a.depth for a in outcome.answers],
+                fallbacks=[s.fallback.split(":", 1)[1] for s in outcome.steps if s.fallback],
+                policy=route.policy,
+            ),
+            cost=cost,
+        )
+
+    def _validate_input(self, request: InferRequest) -> Any:
+        if self._text:
+            if request.tensor is not None:
+                raise InvalidInputError(f"model {self.model_name!r} takes text; got a tensor")
+            if not isinstance(request.text, str) or not request.text.strip():
+                raise InvalidInputError("text must be a non-empty string")
+            return request.text
+        if request.text is not None:
+            raise InvalidInputError(
+                f"model {self.model_name!r} takes a {self._dtype.name} tensor of shape {list(self._shape)}; got text"
+            )
+        x = request.tensor
+        if x is None:
+            raise InvalidInputError(f"tensor is required: {self._dtype.name} of shape {list(self._shape)}")
+        x = np.asarray(x)
+        if x.size == 0:
+            raise InvalidInputError(f"tensor is empty; expected shape {list(self._shape)}")
+        if x.shape != self._shape:
+            if x.shape[1:] == self._shape and x.shape[0] == 1:  # a batch of one is one example
+                x = x[0]
+            else:
+                raise InvalidInputError(f"tensor has shape {list(x.shape)}; expected {list(self._shape)}")
+        if x.dtype != self._dtype:
+            if x.dtype.kind not in "biuf":
+                raise InvalidInputError(f"tensor has dtype {x.dtype.name}; expected {self._dtype.name}")
+            x = x.astype(self._dtype)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise InvalidInputError("tensor contains NaN or Inf; expected finite values")
+        return x
+
+    # ---- the router, one batch at a time ----------------------------------------------------
+
+    async def _route_batch(self, items: list[_RouterItem]) -> list[_Routed | BaseException]:
+        # The digits router is a few microseconds of torch; a thread hop would cost more than it.
+        return self._route_batch_sync(items)
+
+    def _route_batch_sync(self, items: list[_RouterItem]) -> list[_Routed | BaseException]:
+        if self._text:
+            ids, mask = self._encoder.encode([x for x, _ in items])
+            rows: list[Any] = list(zip(ids.numpy(), mask.numpy(), strict=True))
+            batch: Any = (ids, mask)
+        else:
+            rows = [x for x, _ in items]
+            batch = None
+        need = [i for i, (_, b) in enumerate(items) if isinstance(b, Budget)]
+        out: list[_Routed | BaseException] = [(b, rows[i], False) if isinstance(b, Route) else None  # type: ignore[misc]
+                                              for i, (_, b) in enumerate(items)]
+        if need:
+            if self._text:
+                if len(need) < len(items):
+                    batch = (batch[0][need], batch[1][need])
+            else:
+                batch = torch.from_numpy(stack_rows([rows[i] for i in need]))
+            with torch.inference_mode():
+                correct_prob, gate = self.router.score(batch)
+            for j, i in enumerate(need):
+                try:
+                    route = self.router.plan(items[i][1], correct_prob[j], gate[j])
+                    out[i] = (route, rows[i], True)
+                except DynarouteError as e:
+                    out[i] = e
+        return out
+
+    # ---- one subnet on the experts, with fallback ---------------------------------------------
+
+    async def _run_subnet(self, subnet: str, row: Any, bound: float | None) -> SubnetAnswer:
+        exclude: set[str] = set()
+        reason = "expert_unavailable"
+        b = math.inf if bound is None else float(bound)
+        while True:
+            use = self.dispatcher.resolve(subnet, exclude)
+            if use is None:
+                raise UnavailableError(
+                    f"no expert can run subnet {subnet!r} or a fallback on its path; experts are restarting"
+                )
+            pool = self.dispatcher.pool_of[use]
+            try:
+                r = await self._batchers[pool.name].submit((use, row, b))
+            except ExpertUnavailableError:
+                exclude.add(pool.name)
+                continue
+            except ExpertCallError:
+                exclude.add(pool.name)
+                reason = "expert_error"
+                continue
+            logits, depth, flops = r.value
+            return SubnetAnswer(
+                subnet=use,
+                logits=logits,
+                depth=depth,
+                flops=flops,
+                queue_s=r.queue_s,
+                compute_s=r.call_s,
+                fallback=None if use == subnet else f"{reason}:{subnet}->{use}",
+            )

@@ -1,0 +1,188 @@
+"""`dynaroute serve BUNDLE`: the grpc.aio gateway on Ray.
+
+Start-up: join or start Ray, open the gRPC port with health NOT_SERVING, start the engine
+(router in this process, experts as Ray actors), then report SERVING and print one ready line
+(the ports, for scripts and tests that pass port 0). SIGTERM or SIGINT drains: health turns
+NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, the server stops, the
+actors are killed, and Ray is shut down if this process started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dynaroute._proto import dynaroute_pb2, dynaroute_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from dynaroute.config import EngineConfig, ServerConfig
+from dynaroute.errors import UnavailableError
+from dynaroute.gateway.kserve import KServeServicer
+from dynaroute.gateway.native import NativeServicer
+from dynaroute.gateway.types import Engine, InferRequest, InferResult
+
+log = logging.getLogger(__name__)
+
+NATIVE_SERVICE = dynaroute_pb2.DESCRIPTOR.services_by_name["Dynaroute"].full_name
+KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICES = ("", NATIVE_SERVICE, KSERVE_SERVICE)  # "" is the whole server
+
+
+class EngineSlot:
+    """Stands in for the engine while it starts, so that the servicers can be registered (and
+    health can answer NOT_SERVING) before the actors are up; calls before then are UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.draining = False
+
+    def get(self) -> Engine:
+        if self.engine is None:
+            raise UnavailableError("the server is starting; retry when health reports SERVING")
+        return self.engine
+
+    @property
+    def model_name(self) -> str:
+        return self.get().model_name
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.ready and not self.draining
+
+    def model_info(self) -> dict[str, Any]:
+        return self.get().model_info()
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        return await self.get().infer(request)
+
+
+def _set_health(servicer: health.aio.HealthServicer, status: int) -> asyncio.Future:
+    return asyncio.gather(*(servicer.set(name, status) for name in HEALTH_SERVICES))
+
+
+def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server with both APIs, health (NOT_SERVING until told) and reflection; bound,
+    not started. Returns it, its health servicer and the bound port."""
+    interceptors = []
+    if config.auth_token_file:
+        from dynaroute.gateway.security import BearerTokenInterceptor, read_token_file
+
+        interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file)))
+    # The transport accepts up to 4x the limit so that a merely too-large request reaches the
+    # servicers and gets INVALID_ARGUMENT naming the limit; beyond that gRPC itself refuses it
+    # (RESOURCE_EXHAUSTED) before reading it into memory.
+    transport_limit = 4 * config.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", transport_limit),
+            ("grpc.max_send_message_length", transport_limit),
+            ("grpc.so_reuseport", 0),  # a busy port is an error, not a silent share
+        ],
+    )
+    dynaroute_pb2_grpc.add_DynarouteServicer_to_server(
+        NativeServicer(slot, config.max_message_bytes, lambda: slot.ready, config.max_stream_inflight), server
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(slot, config.max_message_bytes, lambda: slot.ready), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (NATIVE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        from dynaroute.gateway.security import server_credentials
+
+        creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the gRPC port {address}")
+    return server, health_servicer, port
+
+
+async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineConfig) -> int:
+    """Run the gateway until SIGTERM / SIGINT, then drain and stop. Ray must be initialised."""
+    from prometheus_client import start_http_server
+
+    from dynaroute.gateway.engine import RayEngine
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    slot = EngineSlot()
+    server, health_servicer, port = build_server(config, slot)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
+    engine = None
+    try:
+        engine = await RayEngine.start(bundle, engine_config)
+        slot.engine = engine
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        print(
+            f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
+            f"metrics={config.metrics_host}:{metrics_server.server_port}",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("draining: health NOT_SERVING, finishing in-flight requests")
+    finally:
+        slot.draining = True
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if engine is not None:
+            await engine.drain()
+        await server.stop(config.grace_s)
+        if engine is not None:
+            await engine.close()
+        metrics_server.shutdown()
+        metrics_server.server_close()
+    print("dynaroute: stopped", flush=True)
+    return 0
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+    from dynaroute.config import PlacementConfig
+
+    server = ServerConfig(
+        host=args.host, port=args.port, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_bytes, grace_s=args.grace_s, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
+    )
+    placement = PlacementConfig.from_json(args.placement) if args.placement else None
+    engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement)
+    return server, engine
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    """`dynaroute serve`: start (or join) Ray, serve until SIGTERM, clean up, exit 0."""
+    import ray
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server_config, engine_config = configs_from_args(args)
+    except ValueError as e:
+        print(f"dynaroute serve: {e}", file=sys.stderr)
+        return 2
+    started_ray = not ray.is_initialized() and args.ray_address is None
+    if args.ray_address is not None:
+        ray.init(address=args.ray_address, log_to_driver=False)
+    elif started_ray:
+        ray.init(include_dashboard=False, num_cpus=args.ray_num_cpus, log_to_driver=False)
+    try:
+        return asyncio.run(serve(args.bundle, server_config, engine_config))
+    finally:
+        if started_ray:
+            ray.shutdown()

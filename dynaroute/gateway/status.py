@@ -1,0 +1,55 @@
+"""THE one place that maps dynaroute's exceptions to gRPC status codes.
+
+Every servicer goes through `status_for`, so a given error reads the same on the native API,
+the KServe v2 API and the per-message errors of InferStream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from dynaroute.errors import (
+    DeadlineError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific first: InvalidInputError is also a ValueError, DeadlineError a TimeoutError.
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for an exception. Anything unexpected is INTERNAL, its
+    traceback logged here (the client gets the message, never the traceback)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    log.error("internal error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def status_label(code: grpc.StatusCode) -> str:
+    """The metrics label for a code: the lower-case name, e.g. "invalid_argument"."""
+    return code.name.lower()
+
+
+def record_request(model: str, api: str, code: grpc.StatusCode) -> None:
+    """Count a request the servicers refused before the engine saw it (a wire problem) in
+    dynaroute_requests_total{model,api,status}; the engine counts the requests it handles."""
+    from dynaroute import metrics
+
+    metrics.record_request(model, api, status_label(code))

@@ -1,0 +1,196 @@
+"""Calibration: a table from budget to operating point, measured on the validation split.
+
+For each policy, thresholds are swept; at each, every validation example is routed and its
+answer and FLOPs replayed (router FLOPs included). The Pareto-monotone points (accuracy rising
+with mean FLOPs) form the policy's table; the `auto` table merges all policies' points, so a
+budget without a policy gets whichever policy is best there. A budget is solved from a table:
+
+- quality q in [0, 1]: the cheapest point whose accuracy reaches acc_min + q * (acc_max - acc_min),
+  acc_min and acc_max being the table's cheapest and most accurate points (q = 0: cheapest,
+  q = 1: most accurate);
+- max_flops: the most accurate point whose mean FLOPs fit; target_accuracy: the cheapest point
+  that reaches it. When no point qualifies, the closest one (the cheapest, resp. the most
+  accurate) is used and the `Resolution` says so (`reachable=False` and a note).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from dynaroute.errors import InvalidInputError
+from dynaroute.router.budget import Budget
+from dynaroute.router.policy import Policy, make_policy
+from dynaroute.router.replay import SubnetOutputs
+
+AUTO = "auto"  # the merged table, used when a budget names no policy
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    policy: str
+    threshold: float
+    accuracy: float  # expected (validation) accuracy
+    mean_flops: float  # per example, router included
+    flops_ratio: float  # mean_flops / the full subnet's FLOPs
+    quality: float = 0.0  # the largest budget quality that resolves to this point
+
+
+@dataclass(frozen=True)
+class Resolution:
+    point: OperatingPoint
+    reachable: bool = True
+    note: str = ""
+
+
+def route_all(policy: Policy, correct_prob: np.ndarray, gate: np.ndarray, threshold: float) -> list:
+    return [policy.route(correct_prob[i], gate[i], threshold) for i in range(len(correct_prob))]
+
+
+def evaluate_routes(routes: list, outputs: SubnetOutputs, labels: np.ndarray) -> tuple[float, float]:
+    """(accuracy, mean expert FLOPs) of one route per example."""
+    correct = 0
+    flops = 0
+    for i, route in enumerate(routes):
+        r = outputs.replay(route, i)
+        correct += int(np.argmax(r.probs) == labels[i])
+        flops += r.flops
+    return correct / len(routes), flops / len(routes)
+
+
+def default_thresholds(policy: str, correct_prob: np.ndarray) -> np.ndarray:
+    """P(correct) thresholds at the router's score quantiles; confidence bounds for the
+    cascade, dense near 1 where softmax confidences crowd."""
+    grid = np.linspace(0.0, 1.0, 21)
+    if policy == "cascade":
+        return np.unique(np.concatenate([grid, 1.0 - np.logspace(-6, -1, 21)]))
+    quantiles = np.quantile(correct_prob, np.linspace(0.0, 1.0, 41))
+    return np.unique(np.concatenate([grid, quantiles, [1.0 + 1e-9]]))
+
+
+def pareto(points: list[OperatingPoint]) -> list[OperatingPoint]:
+    """Points where accuracy strictly rises with mean FLOPs, cheapest first, with `quality`."""
+    kept: list[OperatingPoint] = []
+    for p in sorted(points, key=lambda p: (p.mean_flops, -p.accuracy)):
+        if not kept or p.accuracy > kept[-1].accuracy + 1e-12:
+            kept.append(p)
+    lo, hi = kept[0].accuracy, kept[-1].accuracy
+    span = hi - lo
+    return [OperatingPoint(**{**asdict(p), "quality": (p.accuracy - lo) / span if span > 0 else 1.0}) for p in kept]
+
+
+class CalibrationTable:
+    """Per-policy Pareto tables plus the merged `auto` table. Serialises into the manifest."""
+
+    def __init__(self, tables: dict[str, list[OperatingPoint]], options: dict[str, dict[str, float]],
+                 full_flops: int, router_flops: int, default_policy: str = AUTO):
+        if not tables or any(not t for t in tables.values()):
+            raise ValueError("CalibrationTable.tables must hold at least one point per policy")
+        self.tables = {name: pareto(points) for name, points in tables.items()}
+        self.tables[AUTO] = pareto([p for name, t in self.tables.items() if name != AUTO for p in t])
+        self.options = options
+        self.full_flops = full_flops
+        self.router_flops = router_flops
+        if default_policy not in self.tables:
+            raise ValueError(f"CalibrationTable.default_policy {default_policy!r} has no table")
+        self.default_policy = default_policy
+
+    @property
+    def policies(self) -> list[str]:
+        return [name for name in self.tables if name != AUTO]
+
+    def table(self, policy: str | None) -> list[OperatingPoint]:
+        name = policy or self.default_policy
+        if name not in self.tables:
+            raise InvalidInputError(f"unknown policy {name!r}; this bundle is calibrated for {sorted(self.tables)}")
+        return self.tables[name]
+
+    def solve(self, budget: Budget, default_quality: float = 1.0) -> Resolution:
+        """The operating point for a budget (see the module docstring)."""
+        if budget.subnet is not None:
+            raise InvalidInputError("a budget that pins a subnet is not solved through calibration")
+        points = self.table(budget.policy)
+        if budget.max_flops is not None:
+            fit = [p for p in points if p.mean_flops <= budget.max_flops]
+            if fit:
+                return Resolution(fit[-1])
+            return Resolution(points[0], False, f"max_flops {budget.max_flops:g} is below the cheapest calibrated "
+                              f"point ({points[0].mean_flops:g} FLOPs); using that point")
+        if budget.target_accuracy is not None:
+            fit = [p for p in points if p.accuracy >= budget.target_accuracy - 1e-12]
+            if fit:
+                return Resolution(fit[0])
+            return Resolution(points[-1], False, f"target_accuracy {budget.target_accuracy:g} is above the best "
+                              f"calibrated accuracy ({points[-1].accuracy:.4f}); using the most accurate point")
+        q = default_quality if budget.quality is None else budget.quality
+        lo, hi = points[0].accuracy, points[-1].accuracy
+        target = lo + q * (hi - lo)
+        return Resolution(next(p for p in points if p.accuracy >= target - 1e-12))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": "val",
+            "full_flops": self.full_flops,
+            "router_flops": self.router_flops,
+            "default_policy": self.default_policy,
+            "options": self.options,
+            "tables": {name: [asdict(p) for p in t] for name, t in self.tables.items()},
+            # For a reader: what the five reference qualities resolve to with the default policy.
+            "budgets": [{"quality": q, **asdict(self.solve(Budget(quality=q)).point)} for q in (0, .25, .5, .75, 1)],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibrationTable:
+        tables = {
+            name: [OperatingPoint(**p) for p in points] for name, points in d["tables"].items() if name != AUTO
+        }
+        return cls(tables, d.get("options", {}), int(d["full_flops"]), int(d["router_flops"]),
+                   d.get("default_policy", AUTO))
+
+
+def calibrate(
+    correct_prob: np.ndarray,
+    gate: np.ndarray,
+    outputs: SubnetOutputs,
+    labels: np.ndarray,
+    router_flops: int,
+    full_flops: int,
+    policies: dict[str, dict[str, float]],
+    thresholds: dict[str, np.ndarray] | None = None,
+) -> CalibrationTable:
+    """Sweep each policy's thresholds on one split (validation) and build the table.
+
+    correct_prob [N, S] and gate [N, K] are the router's scores on that split; `policies` maps
+    policy name -> its options. Works for any router and input kind: only scores are needed.
+    """
+    tables: dict[str, list[OperatingPoint]] = {}
+    for name, opts in policies.items():
+        policy = make_policy(name, outputs.names, outputs.flops, **opts)
+        sweep = (thresholds or {}).get(name)
+        sweep = default_thresholds(name, correct_prob) if sweep is None else sweep
+        points = []
+        for t in sweep:
+            acc, flops = evaluate_routes(route_all(policy, correct_prob, gate, float(t)), outputs, labels)
+            mean = flops + router_flops
+            points.append(OperatingPoint(name, float(t), acc, mean, mean / full_flops))
+        tables[name] = points
+    return CalibrationTable(tables, policies, full_flops, router_flops)
+
+
+def measure(
+    point: OperatingPoint,
+    policy: Policy,
+    correct_prob: np.ndarray,
+    gate: np.ndarray,
+    outputs: SubnetOutputs,
+    labels: np.ndarray,
+    router_flops: int,
+    full_flops: int,
+) -> dict[str, float]:
+    """An operating point replayed on another split (test): accuracy, mean FLOPs (router
+    included) and their ratio to the full subnet."""
+    acc, flops = evaluate_routes(route_all(policy, correct_prob, gate, point.threshold), outputs, labels)
+    mean = flops + router_flops
+    return {"accuracy": acc, "mean_flops": mean, "flops_ratio": mean / full_flops}

@@ -1,0 +1,46 @@
+"""Cascade policy: start where the router says, escalate while the answer is not confident."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dynaroute.experts.spec import SubnetSpec
+from dynaroute.router.policy import Policy, Route, register_policy
+
+
+@register_policy
+class CascadePolicy(Policy):
+    """The ladder of a path is its deepest subnet at each width, cheapest first: early exit
+    inside an expert already covers the shallower depths of a width, so escalating to them
+    would recompute blocks.
+
+    threshold: the confidence bound (max softmax). A sample leaves a subnet at its first exit
+    whose confidence reaches it, and escalates to the next rung when even the last exit is
+    below it.
+    option start_threshold (default 0.5): start at the cheapest rung whose predicted
+    correctness reaches it, so inputs the router expects the small subnets to fail skip them.
+    The path is the one the gate weighs most.
+    """
+
+    name = "cascade"
+
+    def __init__(self, subnet_names: list[str], subnet_flops: list[int], **options: float):
+        super().__init__(subnet_names, subnet_flops, **options)
+        self.start_threshold = float(options.get("start_threshold", 0.5))
+        specs = [SubnetSpec.parse(n) for n in subnet_names]
+        self.ladders: dict[int, list[int]] = {}
+        for path in sorted({s.path for s in specs}):
+            deepest: dict[float, int] = {}
+            for i, s in enumerate(specs):
+                if s.path == path and (s.width not in deepest or s.depth > specs[deepest[s.width]].depth):
+                    deepest[s.width] = i
+            self.ladders[path] = sorted(deepest.values(), key=lambda i: (self.subnet_flops[i], i))
+
+    def route(self, correct_prob: np.ndarray, gate: np.ndarray, threshold: float) -> Route:
+        path = int(np.argmax(gate)) if len(gate) > 1 else 0
+        ladder = self.ladders.get(path) or next(iter(self.ladders.values()))
+        ok = [j for j, i in enumerate(ladder) if correct_prob[i] >= self.start_threshold]
+        start = ok[0] if ok else len(ladder) - 1
+        names = [self.subnet_names[i] for i in ladder[start:]]
+        return Route((names[0],), (1.0,), escalation=tuple(names[1:]), confidence_bound=float(threshold),
+                     policy=self.name)

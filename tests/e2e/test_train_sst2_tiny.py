@@ -1,0 +1,97 @@
+"""`dynaroute train sst2` end to end in a tiny configuration, then the bundle loads and serves text.
+
+Uses ../shared/data/sst2 when it exists beside the repository, else a small generated sample,
+so that the test never depends on that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynaroute.bundle import Bundle
+from dynaroute.experts.spec import SubnetSpec
+from dynaroute.text import TextEncoder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data" / "sst2"
+
+
+def _sample_data(root: Path) -> Path:
+    """A small SST-2-shaped sample: sentiment words in varied templates."""
+    rng = random.Random(0)
+    good = ["great", "wonderful", "moving", "funny", "brilliant", "charming", "smart", "delightful"]
+    bad = ["dull", "boring", "awful", "tedious", "clumsy", "lifeless", "stupid", "painful"]
+    nouns = ["film", "movie", "story", "script", "performance", "cast", "ending", "direction"]
+    templates = ["a {a} {n}", "the {n} is {a}", "{a} and {b} , the {n} never lets up", "an {a} {n} about nothing"]
+
+    def rows(n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = good if label else bad
+            text = rng.choice(templates).format(a=rng.choice(words), b=rng.choice(words), n=rng.choice(nouns))
+            out.append(f"{label}\t{text}")
+        return out
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.tsv").write_text("label\tsentence\n" + "\n".join(rows(600)) + "\n")
+    (root / "dev.tsv").write_text("label\tsentence\n" + "\n".join(rows(64)) + "\n")
+    return root
+
+
+def test_train_sst2_tiny_writes_a_servable_text_bundle(tmp_path: Path) -> None:
+    data = SHARED if (SHARED / "train.tsv").is_file() else _sample_data(tmp_path / "data")
+    out = tmp_path / "sst2"
+    cmd = [
+        sys.executable, "-m", "dynaroute", "train", "sst2", "--data", str(data), "--out", str(out),
+        "--max-examples", "200", "--steps", "2", "--max-length", "24", "--val-examples", "48",
+        "--router-examples", "48", "--test-examples", "48", "--batch-size", "16", "--threads", "1",
+    ]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote bundle 'sst2'" in done.stdout
+
+    bundle = Bundle.load(out)
+    m = bundle.manifest
+    assert m["input"] == {"kind": "text", "tokenizer": "tokenizer.json", "max_length": 24}
+    assert (out / "tokenizer.json").is_file()
+    assert m["supernet"]["family"] == "dynabert"
+    names = [s["name"] for s in bundle.subnet_infos]
+    assert len(names) == 12 and bundle.full_subnet == "w1-d6-p0"
+    flops = {s["name"]: s["flops"] for s in bundle.subnet_infos}
+    assert flops["w0.25-d3-p0"] < flops["w0.5-d4-p0"] < flops["w1-d6-p0"]
+    for s in bundle.subnet_infos:
+        assert 0.0 <= s["test_accuracy"] <= 1.0 and 0.0 <= s["val_accuracy"] <= 1.0
+        assert len(s["exit_flops"]) == s["depth"]
+    if "router" in m:  # written by the router package once it lands
+        assert (out / m["router"]["weights"]).is_file()
+        assert m["calibration"]
+
+    # every training stage was checkpointed: a rerun trains nothing again and writes the same model
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["done"][:4] == ["teacher", "rewire", "width", "depth"]
+    weights = (out / "supernet.safetensors").read_bytes()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "checkpoints" / "state.json").read_text())["info"] == state["info"]
+    assert (out / "supernet.safetensors").read_bytes() == weights
+
+    # the bundle serves text: tokenise with its tokenizer, run an extracted subnet
+    encoder = TextEncoder.from_bundle(bundle)
+    x = encoder.encode(["a wonderful film", "the script is dull and lifeless"])
+    supernet = bundle.supernet()
+    sub = supernet.extract(SubnetSpec.parse("w0.5-d3-p0"))
+    logits = sub(x)
+    assert logits.shape == (2, 2)
+    torch.testing.assert_close(logits, supernet(x, SubnetSpec(0.5, 3)), atol=1e-5, rtol=0)

@@ -1,0 +1,236 @@
+"""TLS, mutual TLS and bearer-token auth on a real grpc.aio server: refused without the
+credentials, served with them. Certificates are made per test session by a throwaway CA."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from dynaroute.gateway.security import (
+    BearerTokenInterceptor,
+    bearer_call_credentials,
+    bearer_metadata,
+    channel_credentials,
+    server_credentials,
+)
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token-for-tests"
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = path.with_suffix(".crt"), path.with_suffix(".key")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def _issue(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, cn: str, usage: x509.ObjectIdentifier
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate from the same
+    CA, and a client certificate from a second, untrusted CA."""
+    d = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key = _ca("dynaroute test CA")
+    (d / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_crt, server_key = _write(
+        d / "server", *_issue(ca_cert, ca_key, "localhost", ExtendedKeyUsageOID.SERVER_AUTH)
+    )
+    client_crt, client_key = _write(d / "client", *_issue(ca_cert, ca_key, "client", ExtendedKeyUsageOID.CLIENT_AUTH))
+    rogue_ca, rogue_ca_key = _ca("rogue CA")
+    rogue_crt, rogue_key = _write(
+        d / "rogue", *_issue(rogue_ca, rogue_ca_key, "rogue", ExtendedKeyUsageOID.CLIENT_AUTH)
+    )
+    return {
+        "ca": d / "ca.crt",
+        "server_crt": server_crt,
+        "server_key": server_key,
+        "client_crt": client_crt,
+        "client_key": client_key,
+        "rogue_crt": rogue_crt,
+        "rogue_key": rogue_key,
+    }
+
+
+async def _start(
+    creds: grpc.ServerCredentials | None = None, interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with the health and reflection services on 127.0.0.1:<free port>."""
+    server = grpc.aio.server(interceptors=interceptors)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    reflection.enable_server_reflection([reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    addr = "127.0.0.1:0"
+    port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    await server.start()
+    return server, port
+
+
+async def _health(channel: grpc.aio.Channel, **kw: object) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5, **kw)
+    return reply.status
+
+
+async def _list_services(channel: grpc.aio.Channel, **kw: object) -> list[str]:
+    """A streaming call that is not exempt from the token: reflection's list of services."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5, **kw)
+    names: list[str] = []
+    async for reply in call:
+        names += [s.name for s in reply.list_services_response.service]
+    return names
+
+
+async def test_tls_refuses_plaintext_and_serves_tls(pki: dict[str, Path]) -> None:
+    server, port = await _start(server_credentials(pki["server_crt"], pki["server_key"]))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _health(ch)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A client that does not trust the server's CA is refused too.
+        untrusted = channel_credentials(ca_path=pki["rogue_crt"])
+        async with grpc.aio.secure_channel(f"localhost:{port}", untrusted) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await _health(ch)
+        async with grpc.aio.secure_channel(f"localhost:{port}", channel_credentials(ca_path=pki["ca"])) as ch:
+            assert await _health(ch) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)
+
+
+async def test_mtls_refuses_client_without_trusted_cert(pki: dict[str, Path]) -> None:
+    creds = server_credentials(pki["server_crt"], pki["server_key"], client_ca_path=pki["ca"])
+    server, port = await _start(creds)
+    target = f"localhost:{port}"
+    try:
+        for client in (
+            channel_credentials(ca_path=pki["ca"]),  # no certificate
+            channel_credentials(pki["ca"], pki["rogue_crt"], pki["rogue_key"]),  # one from another CA
+        ):
+            async with grpc.aio.secure_channel(target, client) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _health(ch)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        good = channel_credentials(pki["ca"], pki["client_crt"], pki["client_key"])
+        async with grpc.aio.secure_channel(target, good) as ch:
+            assert await _health(ch) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)
+
+
+async def test_bearer_token_plaintext(pki: dict[str, Path]) -> None:
+    server, port = await _start(interceptors=(BearerTokenInterceptor(TOKEN),))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            for md in ((), bearer_metadata("wrong"), (("authorization", TOKEN),)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _list_services(ch, metadata=md)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "authorization: Bearer <token>" in (err.value.details() or "")
+            assert health.SERVICE_NAME in await _list_services(ch, metadata=bearer_metadata(TOKEN))
+            # Health checks are exempt so that probes need no secret.
+            assert await _health(ch) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)
+
+
+async def test_bearer_token_call_credentials_over_tls(pki: dict[str, Path]) -> None:
+    creds = server_credentials(pki["server_crt"], pki["server_key"])
+    server, port = await _start(creds, interceptors=(BearerTokenInterceptor(TOKEN),))
+    try:
+        tls = channel_credentials(ca_path=pki["ca"])
+        async with grpc.aio.secure_channel(f"localhost:{port}", tls) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _list_services(ch)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with_token = grpc.composite_channel_credentials(tls, bearer_call_credentials(TOKEN))
+        async with grpc.aio.secure_channel(f"localhost:{port}", with_token) as ch:
+            assert health.SERVICE_NAME in await _list_services(ch)
+    finally:
+        await server.stop(None)
+
+
+def test_bad_paths_name_the_option(tmp_path: Path, pki: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="tls_key"):
+        server_credentials(pki["server_crt"], tmp_path / "missing.key")
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="tls_client_ca"):
+        server_credentials(pki["server_crt"], pki["server_key"], tmp_path / "junk.pem")
+    with pytest.raises(ValueError, match="cert_path and key_path"):
+        channel_credentials(pki["ca"], cert_path=pki["client_crt"])

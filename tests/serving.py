@@ -1,0 +1,75 @@
+"""Starting `dynaroute serve` as a subprocess on free ports, for integration and e2e tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)")
+
+
+@dataclass
+class ServerProcess:
+    """A running `dynaroute serve`; stdout lines are collected by a reader thread."""
+
+    proc: subprocess.Popen
+    model: str = ""
+    grpc_address: str = ""
+    metrics_address: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, bundle: Path, *extra: str, timeout_s: float = 180.0) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "dynaroute", "serve", str(bundle), "--port", "0", "--metrics-port", "0",
+            "--ray-num-cpus", "2", *extra,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        server = cls(proc)
+        ready = threading.Event()
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                server.lines.append(line.rstrip("\n"))
+                m = READY.search(line)
+                if m:
+                    server.model, server.grpc_address, server.metrics_address = m.groups()
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError("dynaroute serve did not become ready:\n" + "\n".join(server.lines[-60:]))
+        return server
+
+    def terminate(self) -> None:
+        """SIGTERM: the server drains and exits by itself."""
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        return self.proc.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; SIGKILL only if it will not exit (then the test has failed anyway)."""
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
