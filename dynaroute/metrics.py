@@ -1,13 +1,32 @@
 """Every Prometheus metric of dynaroute, declared once, in base units with fixed labels.
 
 CONTRACT (shared with the gRPC layer): the names and label sets below. Who records what:
-the servicers count every request in `dynaroute_requests_total` (they know the API and the
-final status); the engine records everything else for each request that reaches it.
+the engine records everything for each request that reaches `RayEngine.infer`, including
+`dynaroute_requests_total` (with the request's `api`) for the requests it answers or refuses;
+the servicers count in `dynaroute_requests_total`, via `record_request`, only the requests
+they refuse before calling the engine (a wire problem).
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from dynaroute.errors import (
+    DeadlineError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+if TYPE_CHECKING:
+    from dynaroute.gateway.aggregate import Outcome
+    from dynaroute.gateway.types import Cost
+    from dynaroute.router.policy import Route
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FLOPS_BUCKETS = tuple(float(10**e * m) for e in range(3, 12) for m in (1, 3))
@@ -50,6 +69,81 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("dynaroute_queue_depth", "Requests waiting in a batch queue", ["model", "expert"])
 REPLICAS_LIVE = Gauge("dynaroute_expert_replicas_live", "Expert replicas able to take calls", ["model", "expert"])
 INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["model"])
+
+# Project exceptions -> the lower-case gRPC status name used as the `status` label (the same
+# mapping as the gateway's status codes; most specific first).
+_STATUS = (
+    (InvalidInputError, "invalid_argument"),
+    (ModelNotFoundError, "not_found"),
+    (OverloadedError, "resource_exhausted"),
+    (UnavailableError, "unavailable"),
+    (DeadlineError, "deadline_exceeded"),
+    (UnauthenticatedError, "unauthenticated"),
+)
+
+
+def status_of(error: BaseException | None) -> str:
+    """The `status` label of a request that ended with `error` (None: ok)."""
+    if error is None:
+        return "ok"
+    if isinstance(error, asyncio.CancelledError):  # the caller went away
+        return "cancelled"
+    for cls, name in _STATUS:
+        if isinstance(error, cls):
+            return name
+    return "internal"
+
+
+def record_request(model: str, api: str, status: str) -> None:
+    """Count one finished request in dynaroute_requests_total."""
+    REQUESTS.labels(model, api, status).inc()
+
+
+class ModelMetrics:
+    """The metric children of one model, looked up once (`labels()` costs a lookup and a lock
+    per call, which adds up at thousands of requests per second)."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.duration = REQUEST_DURATION.labels(model)
+        self.queue = REQUEST_QUEUE.labels(model)
+        self.compute = REQUEST_COMPUTE.labels(model)
+        self.flops = REQUEST_FLOPS.labels(model)
+        self.ratio = REQUEST_FLOPS_RATIO.labels(model)
+        self.full_flops = FULL_FLOPS.labels(model)
+        self.escalations = ESCALATIONS.labels(model)
+        self.inflight = INFLIGHT.labels(model)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def requests(self, api: str, status: str) -> Any:
+        return self.child(REQUESTS, api, status)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(self.model, *labels)
+        return c
+
+    def record(self, route: Route, outcome: Outcome, cost: Cost, router_ran: bool) -> None:
+        """What one answered request adds (its count, duration and in-flight are the caller's)."""
+        self.queue.observe(cost.queue_s)
+        self.compute.observe(cost.compute_s)
+        self.flops.observe(cost.flops)
+        self.ratio.observe(cost.flops_ratio)
+        self.full_flops.inc(cost.full_flops)
+        if router_ran:
+            self.child(FLOPS, "router").inc(cost.router_flops)
+        for s in route.subnets:
+            self.child(ROUTE_DECISIONS, s).inc()
+        for step in outcome.steps:
+            self.child(FLOPS, step.subnet).inc(step.flops)
+            self.child(EXITS, str(step.depth)).inc()
+            if step.fallback_reason is not None:
+                self.child(FALLBACKS, step.fallback_reason).inc()
+        if outcome.escalations:
+            self.escalations.inc(outcome.escalations)
+
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> None:
     """Serve /metrics over HTTP; loopback unless told otherwise."""

@@ -177,7 +177,7 @@ class CalibrationPoint(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., quality: _Optional[float] = ..., threshold: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., mean_flops: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "labels", "input", "subnets", "full_subnet", "full_flops", "router_flops", "calibration", "ready")
+    __slots__ = ("name", "task", "labels", "input", "subnets", "full_subnet", "full_flops", "router_flops", "calibration", "ready", "default_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class ModelInfo(_message.Message):
     ROUTER_FLOPS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -198,7 +199,8 @@ class ModelInfo(_message.Message):
     router_flops: int
     calibration: _containers.RepeatedCompositeFieldContainer[CalibrationPoint]
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., subnets: _Optional[_Iterable[_Union[SubnetInfo, _Mapping]]] = ..., full_subnet: _Optional[str] = ..., full_flops: _Optional[int] = ..., router_flops: _Optional[int] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    default_policy: str
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., subnets: _Optional[_Iterable[_Union[SubnetInfo, _Mapping]]] = ..., full_subnet: _Optional[str] = ..., full_flops: _Optional[int] = ..., router_flops: _Optional[int] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ..., ready: _Optional[bool] = ..., default_policy: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

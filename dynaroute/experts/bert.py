@@ -441,3 +441,6 @@ class ExtractedBert(StagedModule):
 
 
 register_family(DynaBert.family, BertConfig.from_dict, DynaBert)
+
+# The text router's family registers itself on import; bundles of this family need it.
+import dynaroute.router.text  # noqa: E402, F401

@@ -26,6 +26,7 @@ class SubnetAnswer:
     queue_s: float = 0.0
     compute_s: float = 0.0
     fallback: str | None = None  # "wanted->used" when the wanted subnet's expert was down
+    fallback_reason: str | None = None  # why: expert_unavailable or expert_error
 
 
 @dataclass(frozen=True)

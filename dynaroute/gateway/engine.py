@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from dynaroute import metrics
 from dynaroute.bundle import Bundle
 from dynaroute.config import EngineConfig, PlacementConfig
 from dynaroute.errors import DeadlineError, DynarouteError, InvalidInputError, ModelNotFoundError, UnavailableError
-from dynaroute.gateway.aggregate import Outcome, SubnetAnswer, execute
+from dynaroute.gateway.aggregate import SubnetAnswer, execute
 from dynaroute.gateway.batcher import MicroBatcher
 from dynaroute.gateway.deployment import create_actors, kill_actors, wait_ready
 from dynaroute.gateway.dispatch import (
@@ -42,71 +43,38 @@ _RouterItem = tuple[Any, Budget | Route]
 _Routed = tuple[Route, Any, bool]
 
 
-class _ModelMetrics:
-    """The metric children of one model, looked up once (labels() costs a dict lookup and a lock)."""
-
-    def __init__(self, model: str):
-        self.model = model
-        self.duration = metrics.REQUEST_DURATION.labels(model)
-        self.queue = metrics.REQUEST_QUEUE.labels(model)
-        self.compute = metrics.REQUEST_COMPUTE.labels(model)
-        self.flops = metrics.REQUEST_FLOPS.labels(model)
-        self.ratio = metrics.REQUEST_FLOPS_RATIO.labels(model)
-        self.full_flops = metrics.FULL_FLOPS.labels(model)
-        self.escalations = metrics.ESCALATIONS.labels(model)
-        self.inflight = metrics.INFLIGHT.labels(model)
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        key = (metric, *labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(self.model, *labels)
-        return c
-
-    def record(self, route: Route, outcome: Outcome, cost: Cost, router_ran: bool) -> None:
-        self.queue.observe(cost.queue_s)
-        self.compute.observe(cost.compute_s)
-        self.flops.observe(cost.flops)
-        self.ratio.observe(cost.flops_ratio)
-        self.full_flops.inc(cost.full_flops)
-        if router_ran:
-            self.child(metrics.FLOPS, "router").inc(cost.router_flops)
-        for s in route.subnets:
-            self.child(metrics.ROUTE_DECISIONS, s).inc()
-        for step in outcome.steps:
-            self.child(metrics.FLOPS, step.subnet).inc(step.flops)
-            self.child(metrics.EXITS, str(step.depth)).inc()
-            if step.fallback is not None:
-                reason = step.fallback.split(":", 1)[0]
-                self.child(metrics.FALLBACKS, reason).inc()
-        if outcome.escalations:
-            self.escalations.inc(outcome.escalations)
-
-
 class RayEngine:
     """Serves one bundle: router in this process, experts as Ray actors."""
 
-    def __init__(self, bundle: Bundle, config: EngineConfig, router: Any, handles: dict[str, list[Any]]):
+    def __init__(
+        self,
+        bundle: Bundle,
+        config: EngineConfig,
+        router: Any,
+        placement: PlacementConfig,
+        handles: dict[str, list[Any]],
+    ):
+        """Use `start`; this wires already-created actors (`handles`, by placement actor name)."""
         self.bundle = bundle
         self.config = config
         self.router = router
         self._handles = handles
-        self._metrics = _ModelMetrics(bundle.name)
+        self._metrics = metrics.ModelMetrics(bundle.name)
         self._full_flops = bundle.full_flops
         self._labels = bundle.labels
         self._subnets = [s["name"] for s in bundle.subnet_infos]
         spec = bundle.manifest["input"]
         self._text = spec.get("kind") == "text"
         self._encoder = None
+        self._router_thread: ThreadPoolExecutor | None = None
         if self._text:
+            self._router_thread = ThreadPoolExecutor(1, thread_name_prefix="dynaroute-router")
             from dynaroute.text import TextEncoder
 
             self._encoder = TextEncoder.from_bundle(bundle)
         else:
             self._dtype = np.dtype(spec["dtype"])
             self._shape = tuple(int(d) for d in spec["shape"])
-        placement = config.placement or self.default_placement(bundle, config)
         model = bundle.name
         pools = [
             ExpertPool(
@@ -176,7 +144,7 @@ class RayEngine:
         except BaseException:
             kill_actors(handles)
             raise
-        return cls(bundle, config, router, handles)
+        return cls(bundle, config, router, placement, handles)
 
     @property
     def model_name(self) -> str:
@@ -214,6 +182,8 @@ class RayEngine:
         for p in self.dispatcher.pools.values():
             await p.close()
         kill_actors(self._handles)
+        if self._router_thread is not None:
+            self._router_thread.shutdown(wait=False)
         for p in self.dispatcher.pools.values():
             metrics.REPLICAS_LIVE.labels(self.model_name, p.name).set(0)
 
@@ -221,12 +191,13 @@ class RayEngine:
 
     async def infer(self, request: InferRequest) -> InferResult:
         start = time.perf_counter()
-        if self._draining:
-            raise UnavailableError(f"model {self.model_name!r} is shutting down; retry on another server")
+        error: BaseException | None = None
         self._inflight += 1
         self._idle.clear()
         self._metrics.inflight.inc()
         try:
+            if self._draining:
+                raise UnavailableError(f"model {self.model_name!r} is shutting down; retry on another server")
             if request.deadline is None:
                 return await self._infer(request, start)
             remaining = request.deadline - time.monotonic()
@@ -241,7 +212,11 @@ class RayEngine:
                 raise DeadlineError(
                     f"request {request.id!r}: no answer within its deadline ({remaining * 1e3:.1f} ms)"
                 ) from None
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            self._metrics.requests(request.api, metrics.status_of(error)).inc()
             self._metrics.duration.observe(time.perf_counter() - start)
             self._metrics.inflight.dec()
             self._inflight -= 1
@@ -297,7 +272,7 @@ class RayEngine:
                 weights=list(route.weights) if len(outcome.answers) == len(route.weights) else [1.0],
                 escalations=outcome.escalations,
                 exit_depths=[a.depth for a in outcome.answers],
-                fallbacks=[s.fallback.split(":", 1)[1] for s in outcome.steps if s.fallback],
+                fallbacks=[s.fallback for s in outcome.steps if s.fallback],
                 policy=route.policy,
             ),
             cost=cost,
@@ -336,7 +311,11 @@ class RayEngine:
     # ---- the router, one batch at a time ----------------------------------------------------
 
     async def _route_batch(self, items: list[_RouterItem]) -> list[_Routed | BaseException]:
-        # The digits router is a few microseconds of torch; a thread hop would cost more than it.
+        # A tensor router (digits: a few microseconds of torch) runs on the event loop, where a
+        # thread hop would cost more than the work; tokenising and a text router run in a thread
+        # so that the loop keeps serving while they do (torch and tokenizers release the GIL).
+        if self._text:
+            return await asyncio.get_running_loop().run_in_executor(self._router_thread, self._route_batch_sync, items)
         return self._route_batch_sync(items)
 
     def _route_batch_sync(self, items: list[_RouterItem]) -> list[_Routed | BaseException]:
@@ -396,5 +375,6 @@ class RayEngine:
                 flops=flops,
                 queue_s=r.queue_s,
                 compute_s=r.call_s,
-                fallback=None if use == subnet else f"{reason}:{subnet}->{use}",
+                fallback=None if use == subnet else f"{subnet}->{use}",
+                fallback_reason=None if use == subnet else reason,
             )

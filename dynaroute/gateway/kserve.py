@@ -139,8 +139,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @functools.cached_property
     def _metadata(self) -> tuple[list[Any], list[Any]]:
         info = self.engine.model_info()
-        labels = info.get("labels") or info.get("task", {}).get("labels", [])
-        return metadata_tensors(self.spec, len(labels))
+        return metadata_tensors(self.spec, len(info["labels"]))
 
     @property
     def inputs(self) -> list[Any]:

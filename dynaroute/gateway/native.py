@@ -39,48 +39,38 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def model_info_message(info: dict[str, Any], ready: bool) -> pb.ModelInfo:
-    """The engine's model_info() dict -> ModelInfo (missing optional parts stay empty)."""
+    """The engine's model_info() dict (the manifest's public part) -> ModelInfo."""
     spec = info["input"]
-    task = info.get("task", {})
-    labels = info.get("labels") or (task.get("labels", []) if isinstance(task, dict) else [])
-    subnets = [
-        pb.SubnetInfo(
-            name=s["name"], width=float(s.get("width", 0)), depth=int(s.get("depth", 0)), path=int(s.get("path", 0)),
-            flops=int(s.get("flops", 0)), params=int(s.get("params", 0)), val_accuracy=float(s.get("val_accuracy", 0)),
-        )
-        for s in info.get("subnets", [])
-    ]
-    full = info.get("full_subnet", "")
-    full_flops = int(info.get("full_flops") or next((s.flops for s in subnets if s.name == full), 0))
-    router = info.get("router") or {}
-    calibration = info.get("calibration") or []
-    if isinstance(calibration, dict):  # {"points": [...]} or {policy: [...]}
-        calibration = calibration.get("points") or [
-            {"policy": k, **p} for k, v in calibration.items() if isinstance(v, list) for p in v
-        ]
+    calibration = info.get("calibration", {})
+    # {"default_policy": ..., "tables": {policy: [operating points]}}: one point per budget step.
+    points = [(name, p) for name, table in calibration.get("tables", {}).items() for p in table]
     return pb.ModelInfo(
         name=info["name"],
-        task=str(task.get("kind", "")) if isinstance(task, dict) else str(task),
-        labels=[str(x) for x in labels],
+        task=info["task"]["kind"],
+        labels=info["labels"],
         input=pb.InputSpec(
-            kind=spec.get("kind", "tensor"), dtype=str(spec.get("dtype", "")),
-            shape=[int(d) for d in spec.get("shape", [])], max_length=int(spec.get("max_length", 0)),
+            kind=spec["kind"], dtype=spec.get("dtype", ""), shape=spec.get("shape", []),
+            max_length=spec.get("max_length", 0),
         ),
-        subnets=subnets,
-        full_subnet=full,
-        full_flops=full_flops,
-        router_flops=int(info.get("router_flops") or router.get("flops", 0)),
+        subnets=[
+            pb.SubnetInfo(
+                name=s["name"], width=s["width"], depth=s["depth"], path=s["path"], flops=s["flops"],
+                params=s["params"], val_accuracy=s["val_accuracy"],
+            )
+            for s in info["subnets"]
+        ],
+        full_subnet=info["full_subnet"],
+        full_flops=info["full_flops"],
+        router_flops=info["router_flops"],
         calibration=[
             pb.CalibrationPoint(
-                policy=str(p.get("policy", "")), quality=float(p.get("quality", 0)),
-                threshold=float(p.get("threshold", 0)),
-                expected_accuracy=float(p.get("expected_accuracy", p.get("accuracy", 0))),
-                mean_flops=float(p.get("mean_flops", p.get("flops", 0))),
+                policy=name, quality=p["quality"], threshold=p["threshold"], expected_accuracy=p["accuracy"],
+                mean_flops=p["mean_flops"],
             )
-            for p in calibration
-            if isinstance(p, dict)
+            for name, p in points
         ],
         ready=ready,
+        default_policy=calibration.get("default_policy", ""),
     )
 
 

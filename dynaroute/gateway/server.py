@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dynaroute._proto import dynaroute_pb2, dynaroute_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from dynaroute.config import EngineConfig, ServerConfig
-from dynaroute.errors import UnavailableError
+from dynaroute.errors import BundleError, UnavailableError
 from dynaroute.gateway.kserve import KServeServicer
 from dynaroute.gateway.native import NativeServicer
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
@@ -183,6 +183,9 @@ def main_serve(args: argparse.Namespace) -> int:
         ray.init(include_dashboard=False, num_cpus=args.ray_num_cpus, log_to_driver=False)
     try:
         return asyncio.run(serve(args.bundle, server_config, engine_config))
+    except (BundleError, OSError, ValueError) as e:  # a bad bundle, a busy port, bad TLS files
+        print(f"dynaroute serve: {e}", file=sys.stderr)
+        return 1
     finally:
         if started_ray:
             ray.shutdown()

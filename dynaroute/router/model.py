@@ -39,7 +39,7 @@ class MLPRouterConfig:
     in_features: int
     num_subnets: int
     num_paths: int = 1
-    hidden: int = 32
+    hidden: int = 16
     # Same scaling as the supernet's, so that clients send the raw input to both.
     input_scale: float = 1.0 / 16.0
 

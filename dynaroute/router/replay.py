@@ -40,12 +40,25 @@ class SubnetOutputs:
         self.flops = [int(r["flops"]) for r in rows]
         self.exit_flops = [[int(f) for f in r["exit_flops"]] for r in rows]
         # [S, N, C] in subnet order; log-probs mix like logits (softmax is shift-invariant).
-        self.probs = np.stack([np.asarray(probs[n], dtype=np.float64) for n in self.names])
-        self.log_probs = np.log(np.clip(self.probs, 1e-30, None))
+        stacked = [np.asarray(probs[n], dtype=np.float64) for n in self.names]
         specs = [SubnetSpec.parse(n) for n in self.names]
         by_shape = {(s.width, s.depth, s.path): i for i, s in enumerate(specs)}
-        # exits[s]: indices of the subnets that answer at exit 1..depth of subnet s
-        self.exits = [[by_shape[(s.width, d, s.path)] for d in range(1, s.depth + 1)] for s in specs]
+        # exits[s]: indices of the outputs that answer at exit 1..depth of subnet s: the shallower
+        # subnets where exits are prefixes (MLP); else the outputs given as probs[f"{name}@{j}"]
+        # for exit j < depth (DynaBERT, whose shallow subnets keep other layers), appended after S.
+        self.exits = []
+        for name, s in zip(self.names, specs, strict=True):
+            own = [f"{name}@{d}" for d in range(1, s.depth)]
+            if all(k in probs for k in own):
+                idx = []
+                for k in own:
+                    stacked.append(np.asarray(probs[k], dtype=np.float64))
+                    idx.append(len(stacked) - 1)
+                self.exits.append([*idx, self.index[name]])
+            else:
+                self.exits.append([by_shape[(s.width, d, s.path)] for d in range(1, s.depth + 1)])
+        self.probs = np.stack(stacked)
+        self.log_probs = np.log(np.clip(self.probs, 1e-30, None))
 
     def __len__(self) -> int:
         return self.probs.shape[1]

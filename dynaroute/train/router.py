@@ -59,8 +59,8 @@ class RouterTrainConfig:
 
 @dataclass(frozen=True)
 class JointTrainConfig:
-    epochs: int = 8
-    batch_size: int = 64
+    epochs: int = 3
+    batch_size: int = 128
     lr: float = 3e-4  # supernet: a gentle fine-tune of already trained weights
     router_lr: float = 3e-3
     flops_weight: float = 1.0  # penalty per unit of expected FLOPs ratio

@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 from dynaroute.bundle import Bundle, save_weights, write_manifest
 from dynaroute.data import read_sst2
 from dynaroute.experts.bert import DynaBert, default_checkpoint
-from dynaroute.experts.spec import SubnetSpec
 from dynaroute.text import TextEncoder
 from dynaroute.train.evaluate import describe_subnets
 from dynaroute.train.supernet import seed_everything
@@ -288,19 +287,23 @@ def run_stage(
 def text_subnet_probs(
     model: DynaBert, split: TextSplit, encoder: TextEncoder, batch_size: int = 64, progress: bool = False
 ) -> dict[str, np.ndarray]:
-    """Softmax outputs of every subnet on a split, length-bucketed: name -> [N, classes]."""
+    """Softmax outputs of every subnet on a split, length-bucketed: name -> [N, classes], and
+    f"{name}@{j}" -> the output at its exit j < depth (early exit inside an expert; DynaBERT's
+    shallow subnets keep other layers, so these are not the shallower subnets' outputs)."""
     model.eval()
     lengths = encoder.lengths(split.texts)
     order = sorted(range(len(split)), key=lambda i: lengths[i])
-    out: dict[str, np.ndarray] = {s.name: np.zeros((len(split), model.config.num_classes), np.float32)
-                                  for s in model.subnets()}
-    widths = sorted({s.width for s in model.subnets()})
+    out: dict[str, np.ndarray] = {}
     for start in tqdm(range(0, len(order), batch_size), desc="evaluate", unit="batch", disable=not progress):
         idx = order[start : start + batch_size]
         x = encoder.encode([split.texts[i] for i in idx])
-        for w in widths:
-            for d, logits in model.subnet_logits(x, w).items():
-                out[SubnetSpec(w, d).name][idx] = torch.softmax(logits, -1).numpy()
+        for spec in model.subnets():
+            exits = model.forward_exits(x, spec.width, depth=spec.depth)
+            for j, logits in enumerate(exits, start=1):
+                key = spec.name if j == len(exits) else f"{spec.name}@{j}"
+                if key not in out:
+                    out[key] = np.zeros((len(split), model.config.num_classes), np.float32)
+                out[key][idx] = torch.softmax(logits, -1).numpy()
     return out
 
 
@@ -332,6 +335,22 @@ def _steps(cap: int | None, global_cap: int | None, epochs: float, n: int, batch
     return steps
 
 
+# A stage's step cap may change until that stage starts (e.g. to fit a run into the time left).
+_STAGE_CAPS = {"teacher": ("teacher_steps", "teacher_epochs"), "width": ("width_steps",), "depth": ("depth_steps",)}
+
+
+def _check_resumable(ck: Checkpoints, cfg: SST2TrainConfig) -> None:
+    old = ck.state.get("config")
+    if old is None:
+        return
+    started = set(ck.state.get("done", [])) | {(ck.state.get("progress") or {}).get("stage")}
+    free = {"checkpoint_every"} | {k for stage, keys in _STAGE_CAPS.items() if stage not in started for k in keys}
+    changed = sorted(k for k, v in asdict(cfg).items() if k not in free and old.get(k) != v)
+    if changed:
+        raise ValueError(f"{ck.state_path}: checkpoints were made with other settings ({', '.join(changed)}); "
+                         "use another --out")
+
+
 def train_sst2(
     data: str | Path,
     out: str | Path,
@@ -346,8 +365,7 @@ def train_sst2(
     data, out = Path(data), Path(out)
     base = Path(base_model) if base_model else default_checkpoint()
     ck = Checkpoints(out / "checkpoints")
-    if ck.state.get("config") not in (None, asdict(cfg)):
-        raise ValueError(f"{ck.state_path}: checkpoints were made with another configuration; use another --out")
+    _check_resumable(ck, cfg)
     ck.state["config"] = asdict(cfg)
     ck.save_state()
     started = time.perf_counter() - float(ck.state.get("seconds", 0.0))
@@ -505,10 +523,23 @@ def fit_text_router(
     out: Path,
     progress: bool,
 ) -> dict[str, Any]:
-    """The router and its calibration table, through the router package (generic over inputs)."""
-    from dynaroute.router.fit import fit_router_and_calibrate
+    """The text router, trained on the router slice and calibrated on the validation slice by the
+    router package (generic over inputs); the test split is dev.tsv."""
+    from dynaroute.router.fit import fit_router
+    from dynaroute.router.text import TextRouter, TextRouterConfig
+    from dynaroute.train.router import RouterTrainConfig
 
-    return fit_router_and_calibrate(model, splits, probs, labels, subnets, out, progress=progress)
+    torch.manual_seed(0)
+    config = TextRouterConfig(model.config.vocab_size, len(subnets), model.num_paths)
+    router = TextRouter(config)
+    router.init_from_word_embeddings(model.embeddings.word.weight.detach())
+    keys = {"train": "router", "val": "val", "test": "test"}
+    inputs = {k: encoder.encode(splits[v].texts) for k, v in keys.items()}
+    return fit_router(
+        model, inputs, {k: probs[v] for k, v in keys.items()}, {k: labels[v] for k, v in keys.items()}, subnets, out,
+        router, TextRouter.family, config.to_dict(), train_config=RouterTrainConfig(epochs=60, lr=3e-3),
+        progress=progress,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SST2TrainConfig:

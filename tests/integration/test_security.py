@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 from pathlib import Path
 
 import grpc
@@ -234,3 +235,70 @@ def test_bad_paths_name_the_option(tmp_path: Path, pki: dict[str, Path]) -> None
         server_credentials(pki["server_crt"], pki["server_key"], tmp_path / "junk.pem")
     with pytest.raises(ValueError, match="cert_path and key_path"):
         channel_credentials(pki["ca"], cert_path=pki["client_crt"])
+
+
+# -- the real gateway -------------------------------------------------------------------------
+
+
+def _non_loopback_ip() -> str | None:
+    """An address of this machine other than loopback (None if it has none)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent; this picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.mark.slow
+def test_dynaroute_serve_with_mtls_and_token(pki: dict[str, Path], digits_bundle_dir: Path, tmp_path: Path) -> None:
+    """`dynaroute serve --tls-cert --tls-key --tls-client-ca --auth-token-file`: each missing
+    credential is refused, all of them are served; both ports listen on loopback only."""
+    from dynaroute.client import Client
+    from dynaroute.data import load_digits_splits
+    from tests.serving import ServerProcess
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = ServerProcess.start(
+        digits_bundle_dir,
+        "--tls-cert", str(pki["server_crt"]), "--tls-key", str(pki["server_key"]),
+        "--tls-client-ca", str(pki["ca"]), "--auth-token-file", str(token_file),
+    )  # fmt: skip
+    try:
+        host, port = server.grpc_address.rsplit(":", 1)
+        metrics_host, metrics_port = server.metrics_address.rsplit(":", 1)
+        assert host == "127.0.0.1" and metrics_host == "127.0.0.1"
+        ip = _non_loopback_ip()
+        if ip is not None:
+            for p in (int(port), int(metrics_port)):
+                with pytest.raises(OSError):
+                    socket.create_connection((ip, p), timeout=2).close()
+
+        x = load_digits_splits().test.x[0]
+        target = f"localhost:{port}"
+        refused = {
+            "plaintext": Client(f"127.0.0.1:{port}", token=TOKEN, timeout_s=10),
+            "no client certificate": Client(target, ca=str(pki["ca"]), token=TOKEN, timeout_s=10),
+            "untrusted client certificate": Client(
+                target, ca=str(pki["ca"]), cert=str(pki["rogue_crt"]), key=str(pki["rogue_key"]), token=TOKEN
+            ),
+        }
+        for what, client in refused.items():
+            with client, pytest.raises(grpc.RpcError) as err:
+                client.infer(x)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, what
+
+        mtls = {"ca": str(pki["ca"]), "cert": str(pki["client_crt"]), "key": str(pki["client_key"])}
+        for token in (None, "wrong"):
+            with Client(target, **mtls, token=token, timeout_s=10) as client, pytest.raises(grpc.RpcError) as err:
+                client.infer(x)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer <token>" in err.value.details()
+
+        with Client(target, **mtls, token=TOKEN, timeout_s=30) as client:
+            reply = client.infer(x, quality=1.0)
+            assert reply.outputs.label_name and reply.cost.total_flops > 0
+    finally:
+        assert server.stop() == 0, server.output()

@@ -203,3 +203,37 @@ def test_encoder_pads_to_the_longest_and_truncates(encoder) -> None:
     assert long_ids.shape == (1, 32) and long_ids[0, -1].item() == 102  # truncated, still ends with [SEP]
     with pytest.raises(ValueError):
         encoder.encode([])
+
+
+def test_text_router_is_cheap_and_scores_every_subnet(pretrained, batch) -> None:
+    from dynaroute.router.model import build_router
+    from dynaroute.router.text import TextRouter, TextRouterConfig
+
+    config = TextRouterConfig(pretrained.config.vocab_size, num_subnets=12)
+    router = TextRouter(config)
+    router.init_from_word_embeddings(pretrained.embeddings.word.weight.detach())
+    correct, gate = router(batch)
+    assert correct.shape == (4, 12) and gate.shape == (4, 1)
+    example = (batch[0][:1], batch[1][:1])
+    full = count_flops(pretrained.extract(pretrained.full_spec), example)
+    assert 0 < count_flops(router, example) <= 0.02 * full
+    assert not router.embed.weight.requires_grad  # only the MLP trains
+    assert isinstance(build_router(TextRouter.family, config.to_dict()), TextRouter)
+
+
+def test_replay_uses_the_exits_of_non_prefix_subnets() -> None:
+    import numpy as np
+
+    from dynaroute.router.replay import SubnetOutputs
+
+    # a depth-3 subnet whose first exit is confident: early exit pays exit_flops[0] and answers there
+    rows = [{"name": "w1-d3-p0", "flops": 30, "exit_flops": [10, 20, 30]}]
+    probs = {"w1-d3-p0": np.array([[0.1, 0.9]]), "w1-d3-p0@1": np.array([[0.95, 0.05]]),
+             "w1-d3-p0@2": np.array([[0.5, 0.5]])}
+    out = SubnetOutputs(probs, rows)
+    from dynaroute.router.policy import Route
+
+    r = out.replay(Route(("w1-d3-p0",), (1.0,), confidence_bound=0.9), 0)
+    assert r.flops == 10 and r.exit_depths == (1,) and r.probs.argmax() == 0
+    r = out.replay(Route(("w1-d3-p0",), (1.0,)), 0)
+    assert r.flops == 30 and r.probs.argmax() == 1

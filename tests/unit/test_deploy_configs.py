@@ -30,8 +30,9 @@ promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool
 def declared_series() -> dict[str, tuple[str, ...]]:
     """Every series name dynaroute/metrics.py exposes (counters with `_total`, histograms with
     `_bucket`, `_sum`, `_count`), mapped to the metric's label names."""
-    import dynaroute.metrics as metrics
     from prometheus_client.metrics import MetricWrapperBase
+
+    import dynaroute.metrics as metrics
 
     out: dict[str, tuple[str, ...]] = {}
     for obj in vars(metrics).values():
@@ -160,12 +161,13 @@ def test_ray_cluster_launcher_config_is_valid() -> None:
 
 
 def test_ray_placement_example_is_valid() -> None:
-    placement = json.loads((DEPLOY / "ray" / "placement.json").read_text())
-    assert placement["actors"]
-    try:
-        from dynaroute.config import PlacementConfig
-    except ImportError:
-        pytest.skip("dynaroute.config is not there yet")
-    parse = getattr(PlacementConfig, "from_dict", None) or getattr(PlacementConfig, "from_json", None)
-    assert parse is not None
-    parse(placement)
+    """The example placement parses and places every subnet of the default digits supernet once."""
+    from dynaroute.config import PlacementConfig
+    from dynaroute.experts.mlp import MLPConfig
+    from dynaroute.experts.spec import SubnetSpec
+
+    placement = PlacementConfig.from_file(DEPLOY / "ray" / "placement.json")
+    c = MLPConfig()
+    placement.check_subnets([SubnetSpec(w, d, 0).name for w in c.widths for d in range(1, c.num_blocks + 1)])
+    pinned = [a for a in placement.actors if a.num_gpus > 0 and "gpu_node" in a.resources]
+    assert pinned, "the example pins no expert to GPU nodes"

@@ -1,0 +1,243 @@
+"""`dynaroute eval DIR`: every subnet, the dynamic model, the static frontier and the oracle.
+
+All figures are on the test split and include the router's FLOPs for the dynamic model. The
+dynamic model is shown at the reference budgets (qualities 0, .25, .5, .75, 1, resolved
+through the bundle's validation calibration) and as a curve: every calibration threshold of
+every policy replayed on test. The oracle picks, per example, the cheapest subnet that
+answers correctly (no router cost): the bound no router can beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynaroute.bundle import Bundle
+from dynaroute.errors import BundleError
+from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import OperatingPoint, default_thresholds, pareto
+from dynaroute.router.fit import NEAR_FULL_GAP, router_scores
+from dynaroute.router.policy import make_policy
+from dynaroute.router.replay import SubnetOutputs
+from dynaroute.router.runtime import RouterRuntime
+from dynaroute.train.evaluate import subnet_probs
+
+BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _digits_data(bundle: Bundle) -> dict[str, tuple[Any, np.ndarray]]:
+    from dynaroute.data import load_digits_splits
+
+    s = load_digits_splits()
+    return {k: (torch.as_tensor(getattr(s, k).x), getattr(s, k).y) for k in ("val", "test")}
+
+
+# manifest data name -> loader of {"val": (inputs, labels), "test": (inputs, labels)}
+EVAL_DATA: dict[str, Callable[[Bundle], dict[str, tuple[Any, np.ndarray]]]] = {"sklearn digits": _digits_data}
+
+
+def register_eval_data(name: str, loader: Callable[[Bundle], dict[str, tuple[Any, np.ndarray]]]) -> None:
+    """Let `dynaroute eval` read the validation and test splits of another data set."""
+    EVAL_DATA[name] = loader
+
+
+def static_frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Static subnets where test accuracy strictly rises with FLOPs, cheapest first."""
+    out: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r["flops"], -r["test_accuracy"])):
+        if not out or r["test_accuracy"] > out[-1]["test_accuracy"] + 1e-12:
+            out.append(r)
+    return out
+
+
+def best_at(points: list[dict[str, Any]], flops: float, key: str = "accuracy", cost: str = "mean_flops") -> float:
+    """Best accuracy among points spending at most `flops` (-inf when none fits)."""
+    return max((p[key] for p in points if p[cost] <= flops + 1e-9), default=-np.inf)
+
+
+def frontier_check(dynamic: list[dict[str, Any]], static: list[dict[str, Any]], lo: float, hi: float) -> dict:
+    """Is the dynamic curve at or above the static frontier for FLOPs in [lo, hi]?
+
+    Both are step functions (best accuracy at most f FLOPs), so they are compared at every
+    breakpoint. The dynamic model starts at its cheapest point (router cost), so the check
+    runs from max(lo, that point)."""
+    start = max(lo, min(p["mean_flops"] for p in dynamic))
+    levels = sorted({p["mean_flops"] for p in dynamic} | {r["flops"] for r in static} | {start, hi})
+    levels = [f for f in levels if start <= f <= hi]
+    gaps = [(best_at(dynamic, f) - best_at(static, f, "test_accuracy", "flops"), f) for f in levels]
+    worst, at = min(gaps)
+    return {"ok": bool(worst >= -1e-12), "worst_gap": float(worst), "worst_at_flops": float(at),
+            "from_flops": float(start), "to_flops": float(hi)}
+
+
+def oracle(outputs: SubnetOutputs, labels: np.ndarray, full_flops: int) -> dict[str, float]:
+    """Per example the cheapest correct subnet; the full subnet's cost when none is right."""
+    order = np.argsort(outputs.flops, kind="stable")
+    correct = outputs.probs[order].argmax(-1) == labels[None, :]  # [S, N]
+    flops = np.asarray(outputs.flops, dtype=np.float64)[order]
+    any_right = correct.any(axis=0)
+    spent = np.where(any_right, flops[correct.argmax(axis=0)], full_flops)
+    return {"accuracy": float(any_right.mean()), "mean_flops": float(spent.mean()),
+            "flops_ratio": float(spent.mean() / full_flops)}
+
+
+def build_report(bundle: Bundle) -> dict[str, Any]:
+    m = bundle.manifest
+    full_flops = bundle.full_flops
+    subnets = [
+        {k: r[k] for k in ("name", "width", "depth", "path", "params", "flops", "val_accuracy", "test_accuracy")}
+        | {"flops_ratio": r["flops"] / full_flops}
+        for r in bundle.subnet_infos
+    ]
+    report: dict[str, Any] = {"model": bundle.name, "full_subnet": bundle.full_subnet, "full_flops": full_flops,
+                              "subnets": subnets}
+    if "router" not in m:
+        return report
+    data_name = m.get("data", {}).get("name")
+    if data_name not in EVAL_DATA:
+        raise BundleError(f"no evaluation data registered for {data_name!r}; known: {sorted(EVAL_DATA)}")
+    data = EVAL_DATA[data_name](bundle)
+    model = bundle.supernet()
+    runtime = RouterRuntime.from_bundle(bundle)
+    table = runtime.calibration
+    test_x, test_y = data["test"]
+    outputs = SubnetOutputs(subnet_probs(model, test_x), bundle.subnet_infos)
+    scores = router_scores(runtime.router, test_x)
+    val_scores = router_scores(runtime.router, data["val"][0])
+    policies = {name: make_policy(name, outputs.names, outputs.flops, **table.options.get(name, {}))
+                for name in table.policies}
+    orc = oracle(outputs, test_y, full_flops)
+
+    def on_test(policy: str, threshold: float) -> dict[str, float]:
+        routes = [policies[policy].route(scores[0][i], scores[1][i], threshold) for i in range(len(test_y))]
+        right, spent = 0, 0
+        for i, route in enumerate(routes):
+            r = outputs.replay(route, i)
+            right += int(np.argmax(r.probs) == test_y[i])
+            spent += r.flops
+        mean = spent / len(test_y) + runtime.flops
+        return {"accuracy": right / len(test_y), "mean_flops": mean, "flops_ratio": mean / full_flops,
+                "savings_share": (1 - mean / full_flops) / (1 - orc["flops_ratio"]) if orc["flops_ratio"] < 1 else 0.0}
+
+    dynamic = []
+    for q in BUDGETS:
+        p = runtime.resolve(Budget(quality=q)).point
+        dynamic.append({"budget": q, "policy": p.policy, "threshold": p.threshold, "expected_accuracy": p.accuracy,
+                        **on_test(p.policy, p.threshold)})
+    curve = {name: [{"threshold": float(t), **on_test(name, float(t))}
+                    for t in default_thresholds(name, val_scores[0])] for name in table.policies}
+    envelope = pareto([OperatingPoint(name, p["threshold"], p["accuracy"], p["mean_flops"], p["flops_ratio"])
+                       for name, pts in curve.items() for p in pts])
+    envelope_rows = [{"policy": p.policy, "threshold": p.threshold, "accuracy": p.accuracy,
+                      "mean_flops": p.mean_flops, "flops_ratio": p.flops_ratio} for p in envelope]
+    frontier = static_frontier(subnets)
+    full_acc = bundle.subnet_info(bundle.full_subnet)["test_accuracy"]
+    near = [p for p in envelope_rows if p["accuracy"] >= full_acc - NEAR_FULL_GAP - 1e-12]
+    near_budget = [d for d in dynamic if d["accuracy"] >= full_acc - NEAR_FULL_GAP - 1e-12]
+    smallest = min(r["flops"] for r in subnets)
+    best = max(near_budget, key=lambda d: d["savings_share"]) if near_budget else None
+    orc["savings_share_reached"] = best["savings_share"] if best else 0.0
+    report.update({
+        "router": {"flops": runtime.flops, "flops_ratio": runtime.flops / full_flops,
+                   "training": m["router"].get("training", {})},
+        "dynamic": dynamic,
+        "oracle": orc,
+        "static_frontier": [{"name": r["name"], "flops": r["flops"], "flops_ratio": r["flops_ratio"],
+                             "test_accuracy": r["test_accuracy"]} for r in frontier],
+        "dynamic_curve": curve,
+        "dynamic_envelope": envelope_rows,
+        "near_full": {
+            "gap": NEAR_FULL_GAP, "full_test_accuracy": full_acc,
+            "cheapest_on_curve": near[0] if near else None,
+            "cheapest_at_budget": min(near_budget, key=lambda d: d["mean_flops"]) if near_budget else None,
+        },
+        "frontier_check": frontier_check(envelope_rows, frontier, smallest, full_flops),
+    })
+    return report
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    subs = report["subnets"]
+    ax.scatter([s["flops_ratio"] for s in subs], [s["test_accuracy"] for s in subs], c="grey", label="static subnets")
+    for s in subs:
+        ax.annotate(s["name"], (s["flops_ratio"], s["test_accuracy"]), fontsize=6, alpha=0.7)
+    fr = report["static_frontier"]
+    ax.step([s["flops_ratio"] for s in fr], [s["test_accuracy"] for s in fr], where="post", c="grey", ls="--",
+            label="static frontier")
+    env = report["dynamic_envelope"]
+    ax.step([p["flops_ratio"] for p in env], [p["accuracy"] for p in env], where="post", c="C0",
+            label="dynamic (router included)")
+    dyn = report["dynamic"]
+    ax.scatter([d["flops_ratio"] for d in dyn], [d["accuracy"] for d in dyn], c="C0", marker="s",
+               label="dynamic at budgets 0..1")
+    o = report["oracle"]
+    ax.scatter([o["flops_ratio"]], [o["accuracy"]], c="C3", marker="*", s=120, label="oracle")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean FLOPs / full model (log)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{report['model']}: accuracy against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'subnet':<14}{'params':>9}{'FLOPs':>11}{'ratio':>8}{'val acc':>9}{'test acc':>10}"]
+    for s in report["subnets"]:
+        lines.append(f"{s['name']:<14}{s['params']:>9}{s['flops']:>11}{s['flops_ratio']:>8.3f}"
+                     f"{s['val_accuracy']:>9.4f}{s['test_accuracy']:>10.4f}")
+    if "dynamic" not in report:
+        return "\n".join(lines)
+    r = report["router"]
+    lines += ["", f"router: {r['flops']} FLOPs ({r['flops_ratio']:.2%} of full), trained "
+              f"{r['training'].get('method', '?')}", "",
+              f"{'budget':<8}{'policy':<11}{'threshold':>11}{'test acc':>10}{'mean FLOPs':>12}{'ratio':>8}"
+              f"{'of oracle savings':>19}"]
+    for d in report["dynamic"]:
+        lines.append(f"{d['budget']:<8g}{d['policy']:<11}{d['threshold']:>11.4g}{d['accuracy']:>10.4f}"
+                     f"{d['mean_flops']:>12.0f}{d['flops_ratio']:>8.3f}{d['savings_share']:>19.1%}")
+    o = report["oracle"]
+    lines.append(f"{'oracle':<19}{'':>11}{o['accuracy']:>10.4f}{o['mean_flops']:>12.0f}{o['flops_ratio']:>8.3f}")
+    nf = report["near_full"]["cheapest_on_curve"]
+    if nf:
+        lines.append(f"\nwithin {NEAR_FULL_GAP:.1%} of the full model's accuracy: {nf['accuracy']:.4f} at "
+                     f"{nf['flops_ratio']:.1%} of its FLOPs ({nf['policy']}, threshold {nf['threshold']:.4g})")
+    fc = report["frontier_check"]
+    verdict = "yes" if fc["ok"] else "no"
+    lines.append(f"dynamic curve at or above the static frontier from {fc['from_flops']:.0f} to {fc['to_flops']:.0f} "
+                 f"FLOPs: {verdict} (worst gap {fc['worst_gap']:+.4f} at {fc['worst_at_flops']:.0f})")
+    comparison = r["training"].get("comparison", {})
+    if comparison:
+        lines += ["", "router training compared (test split; the point chosen on validation to be near full):"]
+        for method, c in comparison.items():
+            p = c["near_full"]
+            lines.append(f"  {method:<11} {p['accuracy']:.4f} at {p['flops_ratio']:.1%} of full FLOPs "
+                         f"({p['policy']}); budget 1: {c['budgets'][-1]['accuracy']:.4f} at "
+                         f"{c['budgets'][-1]['flops_ratio']:.1%}; {c['seconds']} s")
+    return "\n".join(lines)
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    bundle = Bundle.load(args.bundle)
+    report = build_report(bundle)
+    out = Path(args.out) if args.out else bundle.root
+    out.mkdir(parents=True, exist_ok=True)
+    if "dynamic" in report:
+        plot_pareto(report, out / "pareto.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0

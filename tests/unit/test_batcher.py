@@ -1,0 +1,158 @@
+"""MicroBatcher: one call per batch, no wait for a lone request, bounded queue, failures contained."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dynaroute.errors import OverloadedError, UnavailableError
+from dynaroute.gateway.batcher import MicroBatcher
+
+
+class Recorder:
+    """A batch function that doubles its items and remembers every batch it got."""
+
+    def __init__(self, gate: asyncio.Event | None = None):
+        self.batches: list[list[int]] = []
+        self.gate = gate
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if self.gate is not None:
+            await self.gate.wait()
+        return [2 * i for i in items]
+
+
+def make(fn, **kw) -> MicroBatcher:
+    opts = {"max_batch_size": 8, "max_wait_ms": 2.0, "max_queue_size": 100, "max_inflight": 1}
+    return MicroBatcher(fn, **{**opts, **kw})
+
+
+async def test_lone_request_does_not_wait_for_max_wait():
+    rec = Recorder()
+    b = make(rec, max_wait_ms=2000.0)
+    t0 = time.perf_counter()
+    r = await b.submit(21)
+    assert time.perf_counter() - t0 < 0.5  # one loop turn, not the two seconds of max_wait
+    assert r.value == 42 and r.batch_size == 1
+    assert rec.batches == [[21]]
+
+
+async def test_requests_arriving_together_share_one_call_in_order():
+    rec = Recorder()
+    b = make(rec)
+    results = await asyncio.gather(*(b.submit(i) for i in range(6)))
+    assert rec.batches == [list(range(6))]
+    assert [r.value for r in results] == [0, 2, 4, 6, 8, 10]
+
+
+async def test_full_batch_goes_at_once_and_batches_never_exceed_max():
+    rec = Recorder()
+    b = make(rec, max_batch_size=4, max_inflight=10, max_wait_ms=5000.0)
+    results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(10))), 2.0)
+    assert [len(x) for x in rec.batches] == [4, 4, 2]
+    assert [r.value for r in results] == [2 * i for i in range(10)]
+
+
+async def test_requests_wait_while_a_call_is_in_flight_then_go_as_one_batch():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    b = make(rec, max_inflight=1)
+    first = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    assert rec.batches == [[0]] and b.inflight == 1
+    rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 6)]
+    await asyncio.sleep(0.02)  # far beyond max_wait: still queued behind the running call
+    assert len(rec.batches) == 1 and b.queue_depth == 5
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert rec.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_full_queue_raises_overloaded_and_recovers():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    b = make(rec, max_queue_size=2, max_inflight=1)
+    running = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError, match="full"):
+        await b.submit(3)
+    gate.set()
+    await asyncio.gather(running, *queued)
+    assert (await b.submit(4)).value == 8
+
+
+async def test_failures_reach_only_their_items_and_the_batcher_keeps_serving():
+    async def fn(items: list[int]):
+        if 99 in items:
+            raise RuntimeError("expert crashed")
+        return [ValueError(f"bad {i}") if i < 0 else i for i in items]
+
+    b = make(fn)
+    ok, bad = await asyncio.gather(b.submit(1), b.submit(-1), return_exceptions=True)
+    assert ok.value == 1 and isinstance(bad, ValueError)
+    with pytest.raises(RuntimeError, match="crashed"):
+        await b.submit(99)
+    assert (await b.submit(5)).value == 5
+
+
+async def test_cancelled_caller_is_dropped_before_the_call():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    b = make(rec)
+    first = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    doomed = asyncio.ensure_future(b.submit(1))
+    kept = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    gate.set()
+    await asyncio.gather(first, kept)
+    assert rec.batches == [[0], [2]]
+
+
+async def test_reports_queue_and_call_time_and_batch_sizes():
+    sizes: list[int] = []
+    depths: list[int] = []
+
+    async def slow(items):
+        await asyncio.sleep(0.02)
+        return items
+
+    b = make(slow, on_batch=sizes.append, on_queue_depth=depths.append)
+    r = (await asyncio.gather(b.submit(1), b.submit(2)))[0]
+    assert r.call_s >= 0.015 and 0 <= r.queue_s < r.call_s
+    assert sizes == [2] and max(depths) == 2 and depths[-1] == 0
+
+
+async def test_close_fails_waiting_requests_and_refuses_new_ones():
+    gate = asyncio.Event()
+    b = make(Recorder(gate))
+    running = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0)
+    await b.close()
+    for fut in (running, waiting):
+        with pytest.raises(UnavailableError):
+            await fut
+    with pytest.raises(UnavailableError):
+        await b.submit(2)
+
+
+async def test_steady_arrivals_are_batched_but_wait_at_most_about_max_wait():
+    rec = Recorder()
+    b = make(rec, max_batch_size=10_000, max_wait_ms=5.0, max_queue_size=100_000)
+    futs = []
+    end = time.perf_counter() + 0.06
+    while time.perf_counter() < end:  # new requests on every loop turn: the loop is never idle
+        futs.extend(asyncio.ensure_future(b.submit(1)) for _ in range(3))
+        await asyncio.sleep(0)
+    results = await asyncio.gather(*futs)
+    assert len(rec.batches) >= 3, "max_wait_ms must cut batches while requests keep coming"
+    assert max(len(x) for x in rec.batches) > 1
+    assert max(r.queue_s for r in results) < 0.04

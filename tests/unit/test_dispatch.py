@@ -1,0 +1,65 @@
+"""Placement and fallback choice, without Ray: which actor holds what, and where a route goes
+when its expert is down."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dynaroute.config import EngineConfig, PlacementConfig
+from dynaroute.gateway.dispatch import Dispatcher, ExpertPool, stack_rows
+
+FLOPS = {"a-p0": 10, "b-p0": 100, "c-p0": 300, "d-p0": 1000, "a-p1": 12, "b-p1": 900}
+
+
+def test_default_placement_groups_subnets_by_cost_on_few_fractional_actors():
+    p = PlacementConfig.default(list(FLOPS.items()), num_actors=2, num_cpus=0.25)
+    assert [a.subnets for a in p.actors] == [("a-p0", "a-p1", "b-p0"), ("c-p0", "b-p1", "d-p0")]
+    assert all(a.num_cpus == 0.25 and a.replicas == 1 for a in p.actors)
+    p.check_subnets(list(FLOPS))
+
+
+def test_placement_file_and_its_errors_name_the_field(tmp_path):
+    f = tmp_path / "placement.json"
+    f.write_text(json.dumps({"actors": [
+        {"name": "small", "subnets": ["a-p0"], "replicas": 2, "num_cpus": 0.5, "resources": {"node2": 0.01}},
+        {"name": "big", "subnets": ["d-p0"], "num_gpus": 0.5},
+    ]}))
+    p = PlacementConfig.from_file(f)
+    assert p.subnets == {"a-p0": "small", "d-p0": "big"} and p.actors[0].replicas == 2
+    with pytest.raises(ValueError, match="not placed"):
+        p.check_subnets(["a-p0", "d-p0", "b-p0"])
+    with pytest.raises(ValueError, match="unknown subnets"):
+        p.check_subnets(["a-p0"])
+    with pytest.raises(ValueError, match="replicas"):
+        PlacementConfig.from_dict({"actors": [{"name": "x", "subnets": ["a"], "replicas": 0}]})
+    with pytest.raises(ValueError, match="both"):
+        PlacementConfig.from_dict({"actors": [{"name": "x", "subnets": ["a"]}, {"name": "y", "subnets": ["a"]}]})
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        PlacementConfig.from_dict({"actors": [{"name": "x", "subnets": ["a"], "gpus": 1}]})
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        EngineConfig(max_wait_ms=-1)
+    with pytest.raises(ValueError, match="max_queue_size"):
+        EngineConfig(max_queue_size=0)
+
+
+def test_fallback_is_the_nearest_available_subnet_by_flops_on_the_same_path():
+    small = ExpertPool("small", ["a-p0", "b-p0", "a-p1"], [object()])
+    big = ExpertPool("big", ["c-p0", "d-p0", "b-p1"], [object()])
+    d = Dispatcher([small, big], FLOPS, {n: int(n[-1]) for n in FLOPS})
+    assert d.resolve("d-p0") == "d-p0"
+    big.replicas[0].up = False  # as after the actor died
+    assert d.resolve("d-p0") == "b-p0"  # closest FLOPs among what is up, same path
+    assert d.resolve("c-p0") == "b-p0"
+    assert d.resolve("b-p1") == "a-p1"  # never another path
+    assert d.resolve("a-p0") == "a-p0"
+    assert d.resolve("a-p0", exclude={"small"}) is None  # nothing left on path 0
+
+
+def test_stack_rows_pads_text_rows_to_one_length():
+    ids, mask = stack_rows([(np.array([1, 2, 3]), np.array([1, 1, 1])), (np.array([4]), np.array([1]))])
+    np.testing.assert_array_equal(ids, [[1, 2, 3], [4, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
+    assert stack_rows([np.zeros(4), np.ones(4)]).shape == (2, 4)

@@ -1,0 +1,106 @@
+"""metrics.py: the contract's names and labels, and what one answered request adds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dynaroute import metrics
+from dynaroute.gateway.aggregate import Outcome, SubnetAnswer
+from dynaroute.gateway.types import Cost
+from dynaroute.router.policy import Route
+
+CONTRACT = {
+    "dynaroute_requests": ("counter", {"model", "api", "status"}),
+    "dynaroute_request_duration_seconds": ("histogram", {"model"}),
+    "dynaroute_request_queue_seconds": ("histogram", {"model"}),
+    "dynaroute_request_compute_seconds": ("histogram", {"model"}),
+    "dynaroute_request_flops": ("histogram", {"model"}),
+    "dynaroute_request_flops_ratio": ("histogram", {"model"}),
+    "dynaroute_flops": ("counter", {"model", "subnet"}),
+    "dynaroute_full_flops": ("counter", {"model"}),
+    "dynaroute_route_decisions": ("counter", {"model", "subnet"}),
+    "dynaroute_exits": ("counter", {"model", "depth"}),
+    "dynaroute_escalations": ("counter", {"model"}),
+    "dynaroute_fallbacks": ("counter", {"model", "reason"}),
+    "dynaroute_batch_size": ("histogram", {"model", "expert"}),
+    "dynaroute_queue_depth": ("gauge", {"model", "expert"}),
+    "dynaroute_expert_replicas_live": ("gauge", {"model", "expert"}),
+    "dynaroute_inflight_requests": ("gauge", {"model"}),
+}
+
+
+def _value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _cascade_request(m: metrics.ModelMetrics) -> None:
+    """A cascade that escalated once, its first step served by a fallback subnet."""
+    steps = (
+        SubnetAnswer("small-b", np.zeros(3), depth=1, flops=100, fallback="small->small-b",
+                     fallback_reason="expert_unavailable"),
+        SubnetAnswer("big", np.zeros(3), depth=3, flops=900),
+    )
+    outcome = Outcome(np.zeros(3), steps[1:], steps, escalations=1, queue_s=0.001, compute_s=0.002)
+    cost = Cost(router_flops=50, expert_flops=1000, full_flops=2000, queue_s=0.001, compute_s=0.002, total_s=0.004)
+    m.record(Route(("small",), (1.0,), escalation=("big",), confidence_bound=0.9), outcome, cost, router_ran=True)
+
+
+def test_every_contract_metric_is_exposed_with_its_labels():
+    m = metrics.ModelMetrics("contract-model")
+    _cascade_request(m)
+    metrics.REQUESTS.labels("contract-model", "native", "ok").inc()
+    metrics.BATCH_SIZE.labels("contract-model", "expert-0").observe(4)
+    metrics.QUEUE_DEPTH.labels("contract-model", "expert-0").set(0)
+    metrics.REPLICAS_LIVE.labels("contract-model", "expert-0").set(1)
+    m.inflight.inc()
+    m.duration.observe(0.004)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(REGISTRY).decode())}
+    for name, (kind, labels) in CONTRACT.items():
+        assert name in families, f"{name} is not exposed"
+        fam = families[name]
+        assert fam.type == kind, f"{name} is a {fam.type}, the contract says {kind}"
+        ours = [s for s in fam.samples if s.labels.get("model") == "contract-model"]
+        assert ours, f"{name} has no sample for the model"
+        assert {k for k in ours[0].labels if k != "le"} == labels, f"{name} labels {ours[0].labels}"
+
+
+def test_one_request_adds_its_flops_route_exits_escalations_and_fallbacks():
+    m = metrics.ModelMetrics("record-model")
+    _cascade_request(m)
+    _cascade_request(m)
+    v = {
+        "router": _value("dynaroute_flops_total", model="record-model", subnet="router"),
+        "small-b": _value("dynaroute_flops_total", model="record-model", subnet="small-b"),
+        "big": _value("dynaroute_flops_total", model="record-model", subnet="big"),
+    }
+    assert v == {"router": 100, "small-b": 200, "big": 1800}
+    assert _value("dynaroute_full_flops_total", model="record-model") == 4000
+    # The saved share that dashboards compute from the two counters.
+    assert 1 - sum(v.values()) / 4000 == pytest.approx(1 - 2100 / 4000)
+    assert _value("dynaroute_route_decisions_total", model="record-model", subnet="small") == 2
+    assert _value("dynaroute_exits_total", model="record-model", depth="1") == 2
+    assert _value("dynaroute_exits_total", model="record-model", depth="3") == 2
+    assert _value("dynaroute_escalations_total", model="record-model") == 2
+    assert _value("dynaroute_fallbacks_total", model="record-model", reason="expert_unavailable") == 2
+    assert _value("dynaroute_request_flops_count", model="record-model") == 2
+    assert _value("dynaroute_request_flops_sum", model="record-model") == 2100
+    assert _value("dynaroute_request_flops_ratio_sum", model="record-model") == pytest.approx(2 * 1050 / 2000)
+    assert _value("dynaroute_request_queue_seconds_sum", model="record-model") == pytest.approx(0.002)
+    assert _value("dynaroute_request_compute_seconds_sum", model="record-model") == pytest.approx(0.004)
+
+
+def test_status_labels_are_the_lower_case_grpc_code_names():
+    from dynaroute.errors import DeadlineError, InvalidInputError, ModelNotFoundError, OverloadedError, UnavailableError
+
+    assert metrics.status_of(None) == "ok"
+    assert metrics.status_of(InvalidInputError("x")) == "invalid_argument"
+    assert metrics.status_of(ModelNotFoundError("x")) == "not_found"
+    assert metrics.status_of(OverloadedError("x")) == "resource_exhausted"
+    assert metrics.status_of(UnavailableError("x")) == "unavailable"
+    assert metrics.status_of(DeadlineError("x")) == "deadline_exceeded"  # not the TimeoutError it also is
+    assert metrics.status_of(RuntimeError("x")) == "internal"
+    metrics.record_request("status-model", "kserve", "ok")
+    assert _value("dynaroute_requests_total", model="status-model", api="kserve", status="ok") == 1
