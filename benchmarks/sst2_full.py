@@ -33,14 +33,14 @@ from dynaroute.text import TextEncoder
 from dynaroute.train.text import SST2TrainConfig, train_sst2
 
 # Sized for this 2-core machine shared with others, at one torch thread: about 60 minutes.
-# A 600-step teacher (19k phrases) reached 86.5% on dev; 1800 steps see 58k of the 62k phrases.
+# A 600-step teacher (19k phrases) reached 86.5% on dev; 1400 steps see 45k of the 62k phrases.
 FULL_CONFIG = SST2TrainConfig(
     max_length=64,
     val_examples=1500,
     router_examples=3000,
-    teacher_steps=1800,
-    width_steps=500,
-    depth_steps=500,
+    teacher_steps=1400,
+    width_steps=250,
+    depth_steps=250,
     checkpoint_every=50,
 )
 

@@ -136,13 +136,14 @@ class EngineConfig:
     max_inflight_batches: int = 2  # actor calls in flight per replica; more batches wait and grow
     max_restarts: int = -1  # Ray restarts a dead expert this many times (-1: forever)
     expert_threads: int = 1  # torch threads in each expert actor
+    router_threads: int = 1  # torch threads in the gateway process (the router's batches are small)
     default_num_actors: int = 2  # without a placement: subnets grouped onto this many actors
     default_num_cpus: float = 0.25  # without a placement: CPUs each actor asks for
     ready_timeout_s: float = 120.0  # how long start() waits for the actors to load
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "router_max_batch_size", "max_inflight_batches",
-                     "expert_threads", "default_num_actors"):
+                     "expert_threads", "router_threads", "default_num_actors"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {v!r}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)")
+STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)")
 
 
 @dataclass
@@ -23,10 +24,14 @@ class ServerProcess:
     model: str = ""
     grpc_address: str = ""
     metrics_address: str = ""
+    starting_address: str = ""
     lines: list[str] = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)  # gRPC port open, engine starting
+    ready: threading.Event = field(default_factory=threading.Event)  # engine up, health SERVING
 
     @classmethod
-    def start(cls, bundle: Path, *extra: str, timeout_s: float = 180.0) -> ServerProcess:
+    def start(cls, bundle: Path, *extra: str, timeout_s: float = 180.0, wait: bool = True) -> ServerProcess:
+        """Start it; with `wait`, return once it is ready (else once its gRPC port is open)."""
         cmd = [
             sys.executable, "-m", "dynaroute", "serve", str(bundle), "--port", "0", "--metrics-port", "0",
             "--ray-num-cpus", "2", *extra,
@@ -34,24 +39,28 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         server = cls(proc)
-        ready = threading.Event()
 
         def read() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 server.lines.append(line.rstrip("\n"))
-                m = READY.search(line)
-                if m:
+                if m := STARTING.search(line):
+                    server.starting_address = m.group(1)
+                    server.started.set()
+                if m := READY.search(line):
                     server.model, server.grpc_address, server.metrics_address = m.groups()
-                    ready.set()
+                    server.ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while not ready.wait(0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError("dynaroute serve did not become ready:\n" + "\n".join(server.lines[-60:]))
+        server.wait_for(server.ready if wait else server.started, timeout_s)
         return server
+
+    def wait_for(self, event: threading.Event, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not event.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("dynaroute serve did not get there:\n" + "\n".join(self.lines[-60:]))
 
     def terminate(self) -> None:
         """SIGTERM: the server drains and exits by itself."""

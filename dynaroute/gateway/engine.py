@@ -134,6 +134,9 @@ class RayEngine:
         from dynaroute.router.runtime import RouterRuntime
 
         config = config or EngineConfig()
+        # Small router batches gain nothing from intra-op threads, and on a busy machine torch's
+        # thread pool can stall a tiny op for milliseconds.
+        torch.set_num_threads(config.router_threads)
         bundle = Bundle.load(bundle_path)
         placement = config.placement or cls.default_placement(bundle, config)
         placement.check_subnets([s["name"] for s in bundle.subnet_infos])

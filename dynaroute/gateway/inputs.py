@@ -9,6 +9,7 @@ are not all servicers); the messages here are the ones that name the wire field.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,3 +79,19 @@ def check_size(field: str, size: int, limit: int) -> None:
     """The servicers' own message size limit, checked before decoding anything."""
     if size > limit:
         raise InvalidInputError(f"{field}: {size} bytes exceeds the server's limit of {limit} bytes")
+
+
+def decode_bytes_elements(field: str, raw: bytes, count: int) -> list[bytes]:
+    """KServe v2 BYTES raw contents: each element is a 4-byte little-endian length, then its bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidInputError(f"{field}: truncated BYTES length prefix at offset {pos}")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + n > len(raw):
+            raise InvalidInputError(f"{field}: BYTES element at offset {pos} claims {n} bytes, past the end")
+        out.append(raw[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    if len(out) != count:
+        raise InvalidInputError(f"{field}: holds {len(out)} BYTES elements, but the shape needs {count}")
+    return out

@@ -14,7 +14,6 @@ import functools
 import importlib.metadata
 import json
 import math
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError
-from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text
+from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
 from dynaroute.gateway.status import record_request, status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
@@ -90,22 +89,6 @@ def decode_budget(params: Any) -> Budget:
         return Budget(**kwargs)
     except InvalidInputError as e:
         raise InvalidInputError(f"parameters: {e}") from None
-
-
-def _decode_bytes_raw(field: str, raw: bytes, count: int) -> list[bytes]:
-    """BYTES raw contents: each element is a 4-byte little-endian length, then the bytes."""
-    out, pos = [], 0
-    while pos < len(raw):
-        if pos + 4 > len(raw):
-            raise InvalidInputError(f"{field}: truncated BYTES length prefix at offset {pos}")
-        (n,) = struct.unpack_from("<I", raw, pos)
-        if pos + 4 + n > len(raw):
-            raise InvalidInputError(f"{field}: BYTES element at offset {pos} claims {n} bytes, past the end")
-        out.append(raw[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    if len(out) != count:
-        raise InvalidInputError(f"{field}: holds {len(out)} BYTES elements, but the shape needs {count}")
-    return out
 
 
 def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[Any], list[Any]]:
@@ -223,7 +206,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInputError(f"{field}.contents: set together with raw_input_contents; use one of them")
             raw = req.raw_input_contents[0]
             if self.spec.is_text:
-                values: Any = _decode_bytes_raw("raw_input_contents[0]", raw, count)
+                values: Any = decode_bytes_elements("raw_input_contents[0]", raw, count)
             else:
                 itemsize = np.dtype(np_name).itemsize
                 if len(raw) != count * itemsize:

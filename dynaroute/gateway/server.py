@@ -126,6 +126,7 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
     server, health_servicer, port = build_server(config, slot)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    print(f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}", flush=True)
     metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     engine = None
     try:
@@ -161,7 +162,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         max_message_bytes=args.max_message_bytes, grace_s=args.grace_s, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
     )
-    placement = PlacementConfig.from_json(args.placement) if args.placement else None
+    placement = PlacementConfig.from_file(args.placement) if args.placement else None
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement)
     return server, engine
 

@@ -138,7 +138,7 @@ class CalibrationTable:
             "options": self.options,
             "tables": {name: [asdict(p) for p in t] for name, t in self.tables.items()},
             # For a reader: what the five reference qualities resolve to with the default policy.
-            "budgets": [{"quality": q, **asdict(self.solve(Budget(quality=q)).point)} for q in (0, .25, .5, .75, 1)],
+            "budgets": [{**asdict(self.solve(Budget(quality=q)).point), "budget": q} for q in (0, .25, .5, .75, 1)],
         }
 
     @classmethod

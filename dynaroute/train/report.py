@@ -61,18 +61,21 @@ def best_at(points: list[dict[str, Any]], flops: float, key: str = "accuracy", c
     return max((p[key] for p in points if p[cost] <= flops + 1e-9), default=-np.inf)
 
 
-def frontier_check(dynamic: list[dict[str, Any]], static: list[dict[str, Any]], lo: float, hi: float) -> dict:
+def frontier_check(dynamic: list[dict[str, Any]], static: list[dict[str, Any]], lo: float, hi: float,
+                   tolerance: float = 0.0) -> dict:
     """Is the dynamic curve at or above the static frontier for FLOPs in [lo, hi]?
 
     Both are step functions (best accuracy at most f FLOPs), so they are compared at every
     breakpoint. The dynamic model starts at its cheapest point (router cost), so the check
-    runs from max(lo, that point)."""
+    runs from max(lo, that point). `ok` allows `tolerance` (the report passes one test
+    example, the resolution of a test accuracy); `strict_ok` allows nothing."""
     start = max(lo, min(p["mean_flops"] for p in dynamic))
     levels = sorted({p["mean_flops"] for p in dynamic} | {r["flops"] for r in static} | {start, hi})
     levels = [f for f in levels if start <= f <= hi]
     gaps = [(best_at(dynamic, f) - best_at(static, f, "test_accuracy", "flops"), f) for f in levels]
     worst, at = min(gaps)
-    return {"ok": bool(worst >= -1e-12), "worst_gap": float(worst), "worst_at_flops": float(at),
+    return {"ok": bool(worst >= -tolerance - 1e-12), "strict_ok": bool(worst >= -1e-12), "tolerance": tolerance,
+            "worst_gap": float(worst), "worst_at_flops": float(at),
             "from_flops": float(start), "to_flops": float(hi)}
 
 
@@ -157,7 +160,7 @@ def build_report(bundle: Bundle) -> dict[str, Any]:
             "cheapest_on_curve": near[0] if near else None,
             "cheapest_at_budget": min(near_budget, key=lambda d: d["mean_flops"]) if near_budget else None,
         },
-        "frontier_check": frontier_check(envelope_rows, frontier, smallest, full_flops),
+        "frontier_check": frontier_check(envelope_rows, frontier, smallest, full_flops, 1 / len(test_y)),
     })
     return report
 
@@ -173,12 +176,13 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     ax.scatter([s["flops_ratio"] for s in subs], [s["test_accuracy"] for s in subs], c="grey", label="static subnets")
     for s in subs:
         ax.annotate(s["name"], (s["flops_ratio"], s["test_accuracy"]), fontsize=6, alpha=0.7)
+    # Step functions (best accuracy within a FLOPs budget), drawn out to the full model's cost.
     fr = report["static_frontier"]
-    ax.step([s["flops_ratio"] for s in fr], [s["test_accuracy"] for s in fr], where="post", c="grey", ls="--",
-            label="static frontier")
+    ax.step([s["flops_ratio"] for s in fr] + [1.0], [s["test_accuracy"] for s in fr] + [fr[-1]["test_accuracy"]],
+            where="post", c="grey", ls="--", label="static frontier")
     env = report["dynamic_envelope"]
-    ax.step([p["flops_ratio"] for p in env], [p["accuracy"] for p in env], where="post", c="C0",
-            label="dynamic (router included)")
+    ax.step([p["flops_ratio"] for p in env] + [1.0], [p["accuracy"] for p in env] + [env[-1]["accuracy"]],
+            where="post", c="C0", label="dynamic curve (router included)")
     dyn = report["dynamic"]
     ax.scatter([d["flops_ratio"] for d in dyn], [d["accuracy"] for d in dyn], c="C0", marker="s",
                label="dynamic at budgets 0..1")
@@ -217,7 +221,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"\nwithin {NEAR_FULL_GAP:.1%} of the full model's accuracy: {nf['accuracy']:.4f} at "
                      f"{nf['flops_ratio']:.1%} of its FLOPs ({nf['policy']}, threshold {nf['threshold']:.4g})")
     fc = report["frontier_check"]
-    verdict = "yes" if fc["ok"] else "no"
+    verdict = "yes" if fc["strict_ok"] else f"within one test example ({fc['tolerance']:.4f})" if fc["ok"] else "no"
     lines.append(f"dynamic curve at or above the static frontier from {fc['from_flops']:.0f} to {fc['to_flops']:.0f} "
                  f"FLOPs: {verdict} (worst gap {fc['worst_gap']:+.4f} at {fc['worst_at_flops']:.0f})")
     comparison = r["training"].get("comparison", {})

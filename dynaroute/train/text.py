@@ -335,7 +335,8 @@ def _steps(cap: int | None, global_cap: int | None, epochs: float, n: int, batch
     return steps
 
 
-# A stage's step cap may change until that stage starts (e.g. to fit a run into the time left).
+# A stage's step cap may change until that stage is done (e.g. to fit a run into the time left;
+# a stage resumed with another cap continues its learning-rate schedule towards the new end).
 _STAGE_CAPS = {"teacher": ("teacher_steps", "teacher_epochs"), "width": ("width_steps",), "depth": ("depth_steps",)}
 
 
@@ -343,8 +344,8 @@ def _check_resumable(ck: Checkpoints, cfg: SST2TrainConfig) -> None:
     old = ck.state.get("config")
     if old is None:
         return
-    started = set(ck.state.get("done", [])) | {(ck.state.get("progress") or {}).get("stage")}
-    free = {"checkpoint_every"} | {k for stage, keys in _STAGE_CAPS.items() if stage not in started for k in keys}
+    done = set(ck.state.get("done", []))
+    free = {"checkpoint_every"} | {k for stage, keys in _STAGE_CAPS.items() if stage not in done for k in keys}
     changed = sorted(k for k, v in asdict(cfg).items() if k not in free and old.get(k) != v)
     if changed:
         raise ValueError(f"{ck.state_path}: checkpoints were made with other settings ({', '.join(changed)}); "

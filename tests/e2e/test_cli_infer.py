@@ -64,3 +64,21 @@ def test_infer_errors_exit_nonzero_with_the_status(digits_server, tmp_path, exam
     assert done.returncode == 1 and "budget.quality" in done.stderr
     done = infer(digits_server, "--text", "a sentence")
     assert done.returncode == 1 and "expects a tensor" in done.stderr
+
+
+def test_token_protected_server_needs_the_token(digits_bundle_dir, tmp_path, example):
+    """`serve --auth-token-file` refuses calls without the token; `infer --token` gets through."""
+    from tests.serving import ServerProcess
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    np.save(tmp_path / "x.npy", example[0])
+    server = ServerProcess.start(digits_bundle_dir, "--auth-token-file", str(tmp_path / "token"))
+    try:
+        done = infer(server, "--tensor", str(tmp_path / "x.npy"))
+        assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
+        done = infer(server, "--tensor", str(tmp_path / "x.npy"), "--token", "wrong")
+        assert done.returncode == 1 and "UNAUTHENTICATED" in done.stderr
+        done = infer(server, "--tensor", str(tmp_path / "x.npy"), "--token", "s3cret-token")
+        assert done.returncode == 0 and done.stdout.startswith("label: "), done.stderr
+    finally:
+        assert server.stop() == 0

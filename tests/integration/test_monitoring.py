@@ -139,6 +139,11 @@ def test_dashboard_and_recording_rules_return_data(digits_server, tmp_path: Path
     prom = Prometheus(tmp_path, digits_server.metrics_address)
     try:
         prom.wait_ready()
+        # Rates need a scrape from before the load: wait for the first successful one.
+        deadline = time.monotonic() + 60
+        while not prom.query('up{job="dynaroute-gateway"} == 1'):
+            assert time.monotonic() < deadline, "prometheus never scraped the gateway"
+            time.sleep(0.5)
         x = load_digits_splits().test.x
         t0 = time.monotonic()
         labels = asyncio.run(asyncio.wait_for(send_load(digits_server.grpc_address, x, n=240), timeout=120))

@@ -333,12 +333,18 @@ def test_kserve_bad_input_is_refused_naming_the_field(digits_server, bundle, tes
 
 
 async def test_sigterm_drains_in_flight_then_exits_zero(digits_bundle_dir, test_x):
-    """Health goes SERVING -> NOT_SERVING on SIGTERM; requests in flight still complete; new
-    ones get UNAVAILABLE; the process exits 0."""
+    """Health is NOT_SERVING while the engine starts, then SERVING; on SIGTERM it turns
+    NOT_SERVING, requests in flight still complete, new ones get UNAVAILABLE, and the process
+    exits 0."""
     from tests.serving import ServerProcess
 
-    server = ServerProcess.start(digits_bundle_dir)
+    server = ServerProcess.start(digits_bundle_dir, wait=False)
     try:
+        async with grpc.aio.insecure_channel(server.starting_address) as ch:
+            status = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+        # The port opens before the engine's actors start (seconds): health says so meanwhile.
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.to_thread(server.wait_for, server.ready)
         async with grpc.aio.insecure_channel(server.grpc_address) as ch, AsyncClient(server.grpc_address) as c:
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING

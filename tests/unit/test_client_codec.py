@@ -7,7 +7,7 @@ import pytest
 
 from dynaroute.client import make_request
 from dynaroute.errors import InvalidInputError
-from dynaroute.gateway.inputs import InputSpec, check_example, check_text, decode_raw
+from dynaroute.gateway.inputs import InputSpec, check_example, check_text, decode_bytes_elements, decode_raw
 from dynaroute.gateway.native import decode_budget
 
 SPEC = InputSpec("tensor", dtype="float32", shape=(64,))
@@ -67,3 +67,15 @@ def test_examples_must_match_the_input_spec(x: np.ndarray, needle: str) -> None:
 def test_empty_text_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="text: empty"):
         check_text("text", "   ")
+
+
+def test_bytes_elements_read_what_a_stock_kserve_client_writes() -> None:
+    from tritonclient.utils import serialize_byte_tensor  # numpy only; no protos loaded
+
+    texts = ["a fine film", "h\u00e9llo", ""]
+    raw = serialize_byte_tensor(np.array([t.encode() for t in texts], dtype=np.object_)).item()
+    assert [b.decode() for b in decode_bytes_elements("raw_input_contents[0]", raw, 3)] == texts
+    with pytest.raises(InvalidInputError, match="needs 2"):
+        decode_bytes_elements("raw_input_contents[0]", raw, 2)
+    with pytest.raises(InvalidInputError, match="past the end"):
+        decode_bytes_elements("raw_input_contents[0]", raw[:-5], 3)

@@ -1,0 +1,148 @@
+"""Calibration: replaying routes, sweeping thresholds, and solving each kind of budget."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from dynaroute.errors import InvalidInputError
+from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import AUTO, CalibrationTable, OperatingPoint, calibrate
+from dynaroute.router.policy import Route
+from dynaroute.router.replay import SubnetOutputs
+
+ROWS = [
+    {"name": "w0.5-d1-p0", "flops": 10, "exit_flops": [10]},
+    {"name": "w0.5-d2-p0", "flops": 30, "exit_flops": [12, 34]},
+    {"name": "w1-d1-p0", "flops": 20, "exit_flops": [20]},
+    {"name": "w1-d2-p0", "flops": 100, "exit_flops": [22, 104]},
+]
+
+
+def outputs_of(per_subnet: dict[str, list[float]]) -> SubnetOutputs:
+    """Two classes; each subnet's P(class 0) per example."""
+    return SubnetOutputs({n: np.array([[p, 1 - p] for p in ps]) for n, ps in per_subnet.items()}, ROWS)
+
+
+def test_replay_early_exit_and_escalation_pay_the_measured_exit_flops() -> None:
+    out = outputs_of({"w0.5-d1-p0": [0.99, 0.6], "w0.5-d2-p0": [0.5, 0.7], "w1-d1-p0": [0.9, 0.95],
+                      "w1-d2-p0": [0.9, 0.99]})
+    cascade = Route(("w0.5-d2-p0",), (1.0,), escalation=("w1-d2-p0",), confidence_bound=0.9)
+    easy = out.replay(cascade, 0)  # confident at the first exit of w0.5-d2
+    assert (easy.flops, easy.escalations, easy.exit_depths) == (12, 0, (1,))
+    assert easy.probs[0] == pytest.approx(0.99)
+    hard = out.replay(cascade, 1)  # w0.5-d2 never confident: all of it, then w1-d2's first exit
+    assert (hard.flops, hard.escalations, hard.exit_depths) == (34 + 22, 1, (1,))
+    assert hard.probs[0] == pytest.approx(0.95)
+    full = out.replay(Route(("w1-d2-p0",), (1.0,)), 1)  # no bound: no early exit, no exit heads on the way
+    assert (full.flops, full.exit_depths) == (100, (2,))
+
+
+def test_replay_mixes_branches_like_logits() -> None:
+    out = outputs_of({"w0.5-d1-p0": [0.8], "w0.5-d2-p0": [0.5], "w1-d1-p0": [0.2], "w1-d2-p0": [0.5]})
+    mixed = out.replay(Route(("w0.5-d1-p0", "w1-d1-p0"), (0.5, 0.5)), 0)
+    assert mixed.flops == 30
+    # logits log(.8/.2) and log(.2/.8) cancel at equal weights
+    assert mixed.probs[0] == pytest.approx(0.5)
+
+
+def test_calibrate_finds_the_threshold_that_sends_only_hard_inputs_to_a_larger_subnet() -> None:
+    # 8 easy inputs the smallest subnet gets right, 2 hard ones it gets wrong; the router knows which.
+    n_easy, n_hard = 8, 2
+    small = [0.9] * n_easy + [0.3] * n_hard
+    out = outputs_of({"w0.5-d1-p0": small, "w0.5-d2-p0": small, "w1-d1-p0": [0.9] * 10, "w1-d2-p0": [0.9] * 10})
+    labels = np.zeros(10, dtype=np.int64)
+    correct_prob = np.array([[0.95, 0.95, 0.97, 0.99]] * n_easy + [[0.1, 0.1, 0.97, 0.99]] * n_hard)
+    gate = np.ones((10, 1))
+    table = calibrate(correct_prob, gate, out, labels, router_flops=1, full_flops=100,
+                      policies={"threshold": {}, "cascade": {}})
+    points = table.table("threshold")
+    assert points[0].accuracy == pytest.approx(0.8) and points[0].mean_flops == pytest.approx(10 + 1)
+    best = points[-1]
+    assert best.accuracy == 1.0
+    assert best.mean_flops == pytest.approx((n_easy * 10 + n_hard * 20) / 10 + 1)  # router included
+    assert best.flops_ratio == pytest.approx(best.mean_flops / 100)
+    # Pareto-monotone: accuracy strictly rises with FLOPs, quality runs 0..1
+    assert all(a.accuracy < b.accuracy and a.mean_flops <= b.mean_flops for a, b in itertools.pairwise(points))
+    assert points[0].quality == 0.0 and points[-1].quality == 1.0
+    assert table.solve(Budget(quality=1.0)).point.accuracy == 1.0
+
+
+POINTS = [
+    OperatingPoint("threshold", 0.0, 0.90, 10, 0.1),
+    OperatingPoint("threshold", 0.5, 0.95, 20, 0.2),
+    OperatingPoint("threshold", 0.8, 0.99, 50, 0.5),
+    OperatingPoint("threshold", 0.9, 1.00, 100, 1.0),
+    OperatingPoint("threshold", 0.95, 0.98, 120, 1.2),  # dominated: dropped
+]
+
+
+@pytest.fixture
+def table() -> CalibrationTable:
+    cascade = [OperatingPoint("cascade", 0.9, 0.97, 15, 0.15)]
+    return CalibrationTable({"threshold": POINTS, "cascade": cascade}, {"cascade": {"start_threshold": 0.5}},
+                            full_flops=100, router_flops=1)
+
+
+def test_quality_maps_to_the_cheapest_point_reaching_its_share_of_the_accuracy_range(table: CalibrationTable) -> None:
+    solve = table.solve
+    assert [p.threshold for p in table.table("threshold")] == [0.0, 0.5, 0.8, 0.9]
+    assert solve(Budget(quality=0.0, policy="threshold")).point.accuracy == 0.90
+    assert solve(Budget(quality=1.0, policy="threshold")).point.accuracy == 1.00
+    assert solve(Budget(quality=0.5, policy="threshold")).point.accuracy == 0.95  # target exactly 0.95
+    assert solve(Budget(quality=0.6, policy="threshold")).point.accuracy == 0.99  # target 0.96
+    assert solve(Budget(), default_quality=0.0).point.accuracy == 0.90  # no budget: the server's default
+
+
+def test_max_flops_gets_the_most_accurate_point_that_fits(table: CalibrationTable) -> None:
+    r = table.solve(Budget(max_flops=60, policy="threshold"))
+    assert r.reachable and r.point.mean_flops == 50
+    low = table.solve(Budget(max_flops=5, policy="threshold"))
+    assert not low.reachable and low.point.mean_flops == 10 and "below the cheapest" in low.note
+
+
+def test_target_accuracy_gets_the_cheapest_point_that_reaches_it(table: CalibrationTable) -> None:
+    r = table.solve(Budget(target_accuracy=0.96, policy="threshold"))
+    assert r.reachable and r.point.accuracy == 0.99 and r.point.mean_flops == 50
+    assert table.solve(Budget(target_accuracy=1.0, policy="threshold")).point.mean_flops == 100
+
+
+def test_unreachable_target_accuracy_falls_back_to_the_most_accurate_point_and_says_so() -> None:
+    t = CalibrationTable({"threshold": POINTS[:3]}, {}, full_flops=100, router_flops=1)
+    r = t.solve(Budget(target_accuracy=0.999))
+    assert not r.reachable and r.point.accuracy == 0.99 and "above the best" in r.note
+
+
+def test_auto_table_merges_policies_and_takes_the_better_one_at_each_cost(table: CalibrationTable) -> None:
+    auto = table.table(None)
+    assert table.default_policy == AUTO
+    assert [(p.policy, p.accuracy) for p in auto] == [
+        ("threshold", 0.90), ("cascade", 0.97), ("threshold", 0.99), ("threshold", 1.00)]
+    assert table.solve(Budget(max_flops=40)).point.policy == "cascade"
+
+
+def test_bad_budgets_are_input_errors(table: CalibrationTable) -> None:
+    with pytest.raises(InvalidInputError, match="unknown policy 'greedy'"):
+        table.solve(Budget(quality=0.5, policy="greedy"))
+    with pytest.raises(InvalidInputError, match="topk"):  # not calibrated in this bundle
+        table.solve(Budget(policy="topk"))
+    with pytest.raises(InvalidInputError, match="pins a subnet"):
+        table.solve(Budget(subnet="w1-d2-p0"))
+    with pytest.raises(InvalidInputError, match="quality must be in"):
+        Budget(quality=1.5)
+    with pytest.raises(InvalidInputError, match="at most one"):
+        Budget(quality=0.5, max_flops=10)
+    with pytest.raises(InvalidInputError, match="max_flops"):
+        Budget(max_flops=-1)
+
+
+def test_the_table_survives_the_manifest_round_trip(table: CalibrationTable) -> None:
+    d = json.loads(json.dumps(table.to_dict()))
+    again = CalibrationTable.from_dict(d)
+    assert again.tables == table.tables and again.options == table.options
+    assert [b["budget"] for b in d["budgets"]] == [0, 0.25, 0.5, 0.75, 1]
+    for q in (0.0, 0.3, 0.7, 1.0):
+        assert again.solve(Budget(quality=q)) == table.solve(Budget(quality=q))
