@@ -39,8 +39,8 @@ FULL_CONFIG = SST2TrainConfig(
     val_examples=1500,
     router_examples=3000,
     teacher_steps=1400,
-    width_steps=250,
-    depth_steps=250,
+    width_steps=400,
+    depth_steps=400,
     checkpoint_every=50,
 )
 

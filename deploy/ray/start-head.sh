@@ -5,7 +5,8 @@
 #
 # Environment: RAY_PORT (6379), GATEWAY_PORT (50051), METRICS_PORT (9464), GATEWAY_HOST
 # (127.0.0.1: set 0.0.0.0 only together with TLS and a token, see docs/operations.md),
-# DYNAROUTE_SERVE_ARGS (extra `dynaroute serve` flags, e.g. "--tls-cert ... --auth-token-file ...").
+# DYNAROUTE_SERVE_ARGS (extra `dynaroute serve` flags, e.g. "--tls-cert ... --auth-token-file ..."),
+# RAY_METRICS_PORT (8080, Ray's own metrics), RAY_START_ARGS (extra `ray start` flags).
 #
 # Ray's token authentication stays on: the head uses ~/.ray/auth_token (created here when
 # missing); copy that file to every worker before it joins.
@@ -21,10 +22,13 @@ METRICS_PORT=${METRICS_PORT:-9464}
 export RAY_AUTH_MODE=token
 ray get-auth-token --generate >/dev/null
 
-# The head runs the gateway (router, batching) but no experts unless they fit: keep its CPUs
-# for the gateway by default, and let workers carry the experts.
-ray start --head --port "$RAY_PORT" --include-dashboard=false --metrics-export-port 8080 \
-    --num-cpus "${HEAD_NUM_CPUS:-2}"
+# HEAD_NUM_CPUS (2): the CPUs Ray may give expert actors on the head; 0 leaves the head's
+# cores to the gateway (router, batching) and puts every expert on a worker.
+# The dashboard process (loopback only, behind the token) is what writes the list of Ray's
+# metrics endpoints that Prometheus follows (deploy/prometheus); it needs `ray[default]`.
+# shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags on purpose.
+ray start --head --port "$RAY_PORT" --dashboard-host 127.0.0.1 --metrics-export-port "${RAY_METRICS_PORT:-8080}" \
+    --num-cpus "${HEAD_NUM_CPUS:-2}" ${RAY_START_ARGS:-}
 
 args=(serve "$BUNDLE" --ray-address auto --host "$GATEWAY_HOST" --port "$GATEWAY_PORT" --metrics-port "$METRICS_PORT")
 if [[ -n "$PLACEMENT" ]]; then

@@ -7,6 +7,7 @@
 # GPU, {"cpu_node": 1} otherwise) that placement.json uses to pin experts to it. Ray detects
 # the GPUs itself (num_gpus). Copy the head's ~/.ray/auth_token here first: Ray's token
 # authentication is on and a node without the token is refused.
+# Environment: RAY_METRICS_PORT (8080, Ray's own metrics), RAY_START_ARGS (extra `ray start` flags).
 set -euo pipefail
 
 ADDRESS=${1:?usage: start-worker.sh HEAD_IP:PORT [RESOURCES_JSON]}
@@ -23,4 +24,5 @@ if [[ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" && -z "${RAY_AUTH_TOK
     echo "no Ray auth token: copy the head's ~/.ray/auth_token to this machine" >&2
     exit 1
 fi
-ray start --address "$ADDRESS" --resources "$RESOURCES" --metrics-export-port 8080
+# shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags on purpose.
+ray start --address "$ADDRESS" --resources "$RESOURCES" --metrics-export-port "${RAY_METRICS_PORT:-8080}" ${RAY_START_ARGS:-}

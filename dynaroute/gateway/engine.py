@@ -238,7 +238,7 @@ class RayEngine:
             if budget.subnet not in self.dispatcher.pool_of:
                 raise InvalidInputError(f"budget.subnet {budget.subnet!r} is not a subnet of {self.model_name!r}; "
                                         f"expected one of {self._subnets}")
-            pinned = Route((budget.subnet,), (1.0,), policy="pinned")
+            pinned = Route((budget.subnet,), (1.0,), policy="subnet")  # as RouterRuntime.plan pins
         else:
             pinned = None  # a budget with nothing set resolves to the router's default quality
         if pinned is not None and not self._text:

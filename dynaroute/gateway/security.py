@@ -102,14 +102,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     The comparison is constant-time (hmac.compare_digest) so response timing does not leak
     the token. Methods starting with one of `exempt_prefixes` (default: the health service)
-    pass without a token.
+    pass without a token. `on_rejected(method)` is called for each refused call (e.g. to count
+    it in dynaroute_requests_total{status="unauthenticated"}).
     """
 
-    def __init__(self, token: str, exempt_prefixes: Sequence[str] = (HEALTH_METHOD_PREFIX,)) -> None:
+    def __init__(
+        self,
+        token: str,
+        exempt_prefixes: Sequence[str] = (HEALTH_METHOD_PREFIX,),
+        on_rejected: Callable[[str], None] | None = None,
+    ) -> None:
         if not token:
             raise ValueError("token: must be a non-empty string")
         self._expected = f"Bearer {token}".encode()
         self._exempt = tuple(exempt_prefixes)
+        self._on_rejected = on_rejected
 
     def _check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None when authorised, else what was wrong."""
@@ -135,4 +142,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         problem = self._check(handler_call_details.invocation_metadata)
         if problem is None:
             return handler
+        if self._on_rejected is not None:
+            self._on_rejected(handler_call_details.method)
         return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)

@@ -2,10 +2,12 @@
 
 `fit_router` is generic over the router module and its inputs (a tensor, or an (ids, mask)
 tuple per split); `fit_router_and_calibrate` is the digits pipeline's call. Both ways of
-training are run and compared (see dynaroute/train/router.py). The bundle keeps the
-supervised router on the supernet as trained: the joint fine-tune changes the shared weights,
-so keeping it would also mean replacing the supernet and every static subnet's measured
-accuracy; its figures are recorded under router.training.comparison for the report.
+training are run and compared (see dynaroute/train/router.py): the joint fine-tune starts, on
+copies, from the supervised router and the trained supernet and is calibrated the same way,
+so the two differ only by the joint step. The bundle keeps the supervised router on the
+supernet as trained: keeping the joint one would also replace the shared weights and so every
+static subnet's measured accuracy, and on digits it saves no more compute at the same
+accuracy (router.training.comparison in the manifest, printed by `dynaroute eval`).
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Alone, training takes well under 3 minutes; the limits leave room for a machine shared with other work.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     return subprocess.run([sys.executable, "-m", "dynaroute", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, check=True)
+                          text=True, timeout=1100, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,10 @@ def test_dynamic_model_near_full_accuracy_spends_at_most_40_percent_router_inclu
     assert min(d["flops_ratio"] for d in near) <= 0.40
     o = r["oracle"]
     assert {"accuracy", "mean_flops", "flops_ratio"} <= set(o)
-    assert o["accuracy"] >= full and o["flops_ratio"] < min(d["flops_ratio"] for d in r["dynamic"])
+    # the bound no router beats: at least as accurate as any budget, and cheaper than the near-full ones
+    assert o["accuracy"] >= max(full, *(d["accuracy"] for d in r["dynamic"]))
+    assert o["flops_ratio"] < min(d["flops_ratio"] for d in near)
+    assert 0 < o["savings_share_reached"] <= 1
 
 
 def test_dynamic_curve_is_at_or_above_the_static_frontier(report: tuple[dict, Path]) -> None:

@@ -15,7 +15,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from dynaroute.bundle import Bundle
-from dynaroute.config import EngineConfig
+from dynaroute.config import ActorPlacement, EngineConfig, PlacementConfig
 from dynaroute.data import load_digits_splits
 from dynaroute.errors import DeadlineError, InvalidInputError, ModelNotFoundError, OverloadedError, UnavailableError
 from dynaroute.experts.spec import SubnetSpec
@@ -180,6 +180,40 @@ async def test_killed_expert_during_a_burst_every_request_is_answered_with_fallb
     assert metric("dynaroute_expert_replicas_live", model=model, expert=pool.name) == 1
     r = await engine.infer(req(engine, 0, Budget(subnet=full)))
     assert r.route.subnets == [full] and r.route.fallbacks == []
+
+
+async def test_replicas_share_load_and_cover_for_a_killed_one(local_ray, digits_bundle_dir: Path):
+    names = [s["name"] for s in Bundle.load(digits_bundle_dir).subnet_infos]
+    placement = PlacementConfig((ActorPlacement("all", tuple(names), replicas=2, num_cpus=0.1),))
+    eng = await RayEngine.start(digits_bundle_dir, EngineConfig(placement=placement))
+    try:
+        (pool,) = eng.dispatcher.pools.values()
+        assert pool.live == 2 and metric("dynaroute_expert_replicas_live", model=eng.model_name, expert="all") == 2
+        full = eng.bundle.full_subnet
+        results = []
+        live_seen = set()
+
+        async def client() -> None:
+            while len(results) < 200:
+                results.append(await eng.infer(req(eng, len(results), Budget(subnet=full))))
+                live_seen.add(pool.live)
+
+        async def killer() -> None:
+            while len(results) < 50:
+                await asyncio.sleep(0.001)
+            ray.kill(pool.replicas[0].handle, no_restart=False)
+
+        await asyncio.wait_for(asyncio.gather(killer(), *(client() for _ in range(16))), timeout=60)
+        # The other replica answered everything: no request lost, no fallback needed.
+        assert len(results) >= 200 and all(r.route.subnets == [full] and not r.route.fallbacks for r in results)
+        assert 1 in live_seen, "the killed replica was taken out of the pool"
+        for _ in range(600):
+            if pool.live == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.live == 2
+    finally:
+        await eng.close()
 
 
 async def test_topk_sums_path_logits_by_weight(local_ray, digits_paths_bundle_dir: Path):

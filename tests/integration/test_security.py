@@ -196,7 +196,8 @@ async def test_mtls_refuses_client_without_trusted_cert(pki: dict[str, Path]) ->
 
 
 async def test_bearer_token_plaintext(pki: dict[str, Path]) -> None:
-    server, port = await _start(interceptors=(BearerTokenInterceptor(TOKEN),))
+    rejected: list[str] = []
+    server, port = await _start(interceptors=(BearerTokenInterceptor(TOKEN, on_rejected=rejected.append),))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             for md in ((), bearer_metadata("wrong"), (("authorization", TOKEN),)):
@@ -207,6 +208,7 @@ async def test_bearer_token_plaintext(pki: dict[str, Path]) -> None:
             assert health.SERVICE_NAME in await _list_services(ch, metadata=bearer_metadata(TOKEN))
             # Health checks are exempt so that probes need no secret.
             assert await _health(ch) == health_pb2.HealthCheckResponse.SERVING
+        assert rejected == ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"] * 3
     finally:
         await server.stop(None)
 
