@@ -133,7 +133,7 @@ class EngineConfig:
     default_quality: float = 1.0  # budget used when a request sets none
     router_max_batch_size: int = 64
     router_max_wait_ms: float = 1.0
-    max_inflight_batches: int = 2  # actor calls in flight per replica; more batches wait and grow
+    max_inflight_batches: int = 1  # actor calls in flight per replica: fewer, larger batches under load
     max_restarts: int = -1  # Ray restarts a dead expert this many times (-1: forever)
     expert_threads: int = 1  # torch threads in each expert actor
     router_threads: int = 1  # torch threads in the gateway process (the router's batches are small)

@@ -3,11 +3,13 @@
 Used per expert (one Ray actor call per batch) and for the router in the gateway process.
 When to send a batch:
 - at once when it is full (`max_batch_size`);
-- after one event-loop turn in which nothing else arrived: a lone request (concurrency 1)
-  pays a turn of the loop, not `max_wait_ms`;
-- after `max_wait_ms` at most while requests keep arriving;
-- while `max_inflight` calls are already running, requests wait and the batch grows: the
-  next call goes when one returns (this is what forms big batches under load).
+- when no call is running (the pipeline is idle): after one event-loop turn in which nothing
+  else arrived, so a lone request (concurrency 1) pays a turn of the loop, not `max_wait_ms`;
+- when calls are running (under load): when one of them returns, or after `max_wait_ms`,
+  whichever comes first; the requests that arrived meanwhile go together. Under gRPC,
+  requests reach the loop one per turn, so waiting for company only while busy is what
+  forms batches, and it costs an idle server nothing;
+- never more than `max_inflight` calls at once: beyond that, requests wait for a return.
 The queue is bounded: beyond `max_queue_size` waiting requests, `submit` raises
 OverloadedError instead of letting latency grow without bound.
 """
@@ -117,21 +119,23 @@ class MicroBatcher(Generic[T, R]):
         asyncio.get_running_loop().call_soon(self._check, arrivals)
 
     def _check(self, arrivals_before: int) -> None:
-        """One loop turn after an arrival: send if the loop was idle or the oldest waited enough."""
+        """One loop turn after an arrival: send now if idle, else wait for company (bounded)."""
         self._check_scheduled = False
         if not self._pending:
             return
         waited = time.perf_counter() - self._pending[0][2]
-        if self._arrivals == arrivals_before or waited >= self.max_wait_s:
+        if waited >= self.max_wait_s:
             self._flush_if_allowed()
             return
-        # Requests are still arriving: look again next turn, but never later than max_wait.
-        self._check_scheduled = True
-        arrivals = self._arrivals
-        loop = asyncio.get_running_loop()
+        if self._inflight == 0:
+            if self._arrivals == arrivals_before:
+                self._flush_if_allowed()
+            else:  # a burst is arriving in this very turn: take it whole, look again next turn
+                self._schedule_check()
+            return
+        # Busy: a returning call sends what has gathered; the timer bounds the wait.
         if self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s - waited, self._on_timer)
-        loop.call_soon(self._check, arrivals)
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s - waited, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -153,6 +153,23 @@ async def test_steady_arrivals_are_batched_but_wait_at_most_about_max_wait():
         futs.extend(asyncio.ensure_future(b.submit(1)) for _ in range(3))
         await asyncio.sleep(0)
     results = await asyncio.gather(*futs)
-    assert len(rec.batches) >= 3, "max_wait_ms must cut batches while requests keep coming"
+    # Were max_wait_ms ignored, everything would go as one batch when the arrivals stop.
+    assert len(rec.batches) >= 3 and len(rec.batches[0]) < len(results)
     assert max(len(x) for x in rec.batches) > 1
-    assert max(r.queue_s for r in results) < 0.04
+
+
+async def test_while_a_call_runs_new_requests_wait_for_company_at_most_max_wait():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    b = make(rec, max_inflight=2, max_wait_ms=30.0)
+    first = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.005)
+    assert rec.batches == [[0]]  # the pipeline was idle: sent at once
+    second = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.005)
+    assert len(rec.batches) == 1, "busy: a new request waits for company instead of going alone"
+    third = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0.2)
+    assert rec.batches == [[0], [1, 2]]  # max_wait sent them together, while the first still runs
+    gate.set()
+    await asyncio.gather(first, second, third)
