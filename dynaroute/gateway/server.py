@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class EngineSlot:
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.draining = False
+        self.last_call = 0.0  # time.monotonic() of the latest infer call, for the shutdown's quiet period
 
     def get(self) -> Engine:
         if self.engine is None:
@@ -60,7 +62,17 @@ class EngineSlot:
         return self.get().model_info()
 
     async def infer(self, request: InferRequest) -> InferResult:
+        self.last_call = time.monotonic()
         return await self.get().infer(request)
+
+
+async def quiesce(slot: EngineSlot, limit_s: float, quiet_s: float = 0.5) -> None:
+    """Keep answering (UNAVAILABLE, the engine is draining) until no call has come for
+    `quiet_s`, at most `limit_s`. gRPC core answers calls that had arrived but not yet reached
+    a handler when the server stops with CANCELLED (grpc/grpc#41785); this lets them reach one."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and time.monotonic() - slot.last_call < quiet_s:
+        await asyncio.sleep(quiet_s / 4)
 
 
 def _set_health(servicer: health.aio.HealthServicer, status: int) -> asyncio.Future:
@@ -124,27 +136,29 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
 
     slot = EngineSlot()
     server, health_servicer, port = build_server(config, slot)
+    metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     print(f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}", flush=True)
-    metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     engine = None
     try:
         engine = await RayEngine.start(bundle, engine_config)
         slot.engine = engine
-        await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-        print(
-            f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
-            f"metrics={config.metrics_host}:{metrics_server.server_port}",
-            flush=True,
-        )
-        await stop.wait()
+        if not stop.is_set():  # a SIGTERM while the actors started: go straight to shutting down
+            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            print(
+                f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
+                f"metrics={config.metrics_host}:{metrics_server.server_port}",
+                flush=True,
+            )
+            await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
     finally:
         slot.draining = True
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         if engine is not None:
             await engine.drain()
+            await quiesce(slot, config.grace_s)
         await server.stop(config.grace_s)
         if engine is not None:
             await engine.close()
