@@ -87,7 +87,8 @@ def dynamic_report(bundle: Bundle, run_dir: Path, data: Path) -> dict[str, Any]:
     curves = {name: [on_test(p) for p in table.tables[name]] for name in table.tables}
     budgets = [{"quality": q, **on_test(table.solve(Budget(quality=q)).point)} for q in (0.0, 0.25, 0.5, 0.75, 1.0)]
     full = bundle.full_subnet
-    full_val = bundle.subnet_info(full)["val_accuracy"]  # the calibration (validation) split
+    # the full model's accuracy on the calibration rows (sentence-like validation rows)
+    full_val = bundle.manifest["calibration"].get("full_accuracy", bundle.subnet_info(full)["val_accuracy"])
     chosen = on_test(table.solve(Budget(target_accuracy=full_val - 0.005)).point)
     # oracle: the cheapest static subnet that answers correctly (the full model when none does)
     order = np.argsort(outputs.flops)
@@ -96,7 +97,9 @@ def dynamic_report(bundle: Bundle, run_dir: Path, data: Path) -> dict[str, Any]:
     first = np.where(any_right, correct.argmax(0), len(order) - 1)
     oracle_flops = np.asarray(outputs.flops)[order][first]
     oracle = {"test_accuracy": float(any_right.mean()), "test_flops_ratio": float(oracle_flops.mean() / full_flops)}
-    return {"router_flops_ratio": router_flops / full_flops, "full_val_accuracy": full_val, "curves": curves,
+    return {"router_flops_ratio": router_flops / full_flops, "full_val_accuracy": full_val,
+            "calibration_rows": bundle.manifest["calibration"].get("rows_note", "all validation rows"),
+            "cascade_ladder": table.options.get("cascade", {}).get("ladder"), "curves": curves,
             "budgets": budgets, "within_half_point": chosen, "oracle": oracle}
 
 
@@ -155,6 +158,7 @@ def main() -> int:
         return 1
     report = dynamic_report(bundle, out, data)
     print(f"\nrouter: {100 * report['router_flops_ratio']:.3f}% of the full model's FLOPs")
+    print(f"calibrated on: {report['calibration_rows']}; cascade ladder: {report['cascade_ladder']}")
     print("\ndynamic model at budgets (policy auto; thresholds chosen on validation, figures on dev):")
     print("| quality | policy | dev accuracy | FLOPs / full |\n|---|---|---|---|")
     for b in report["budgets"]:

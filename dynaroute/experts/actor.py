@@ -82,6 +82,15 @@ class ExpertWorker:
                 state = module.stage(i, state)
             logits = module.exit_logits(last, state).float().cpu().numpy()
             return logits, np.full(n, last + 1, dtype=np.int64), np.full(n, self.flops[subnet], dtype=np.int64)
+        if n == 1:  # one row (concurrency 1): the same rule with a Python comparison, no row bookkeeping
+            bound = float(b[0])
+            for i in range(module.num_stages):
+                state = module.stage(i, state)
+                logits = module.exit_logits(i, state)
+                if i == last or torch.softmax(logits.float(), -1).amax().item() >= bound:
+                    break
+            return (logits.float().cpu().numpy(), np.array([i + 1], dtype=np.int64),
+                    self.exit_flops[subnet][i : i + 1].astype(np.int64))
 
         out: torch.Tensor | None = None
         depth = torch.full((n,), last + 1, dtype=torch.int64, device=self.device)

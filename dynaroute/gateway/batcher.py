@@ -84,6 +84,11 @@ class MicroBatcher(Generic[T, R]):
     def inflight(self) -> int:
         return self._inflight
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and no call running."""
+        return not self._pending and self._inflight == 0
+
     def _limit(self) -> int:
         m = self._max_inflight
         return max(1, m() if callable(m) else m)

@@ -102,6 +102,7 @@ class RayEngine:
                 on_batch=metrics.BATCH_SIZE.labels(model, pool.name).observe,
                 on_queue_depth=metrics.QUEUE_DEPTH.labels(model, pool.name).set,
             )
+        self._router_batch_size = metrics.BATCH_SIZE.labels(model, "router")
         self._router_batcher: MicroBatcher[_RouterItem, _Routed] = MicroBatcher(
             self._route_batch,
             max_batch_size=config.router_max_batch_size,
@@ -109,7 +110,7 @@ class RayEngine:
             max_queue_size=config.max_queue_size,
             max_inflight=1,
             name="router",
-            on_batch=metrics.BATCH_SIZE.labels(model, "router").observe,
+            on_batch=self._router_batch_size.observe,
             on_queue_depth=metrics.QUEUE_DEPTH.labels(model, "router").set,
         )
         self._inflight = 0
@@ -243,6 +244,17 @@ class RayEngine:
             pinned = None  # a budget with nothing set resolves to the router's default quality
         if pinned is not None and not self._text:
             route, row, router_ran = pinned, x, False  # nothing for the router to do
+        elif self._inflight == 1 and not self._text and self._router_batcher.idle:
+            # A lone request (concurrency 1): route it here and now. The batcher's hop (a task
+            # and loop turns) costs more than scoring one row of a tensor router; with other
+            # requests in flight the batcher is used, so batches still form under load.
+            t0 = time.perf_counter()
+            routed = self._route_batch_sync([(x, budget)])[0]
+            compute_s = time.perf_counter() - t0
+            self._router_batch_size.observe(1)
+            if isinstance(routed, BaseException):
+                raise routed
+            route, row, router_ran = routed
         else:
             b = await self._router_batcher.submit((x, pinned or budget))
             (route, row, router_ran), queue_s, compute_s = b.value, b.queue_s, b.call_s
@@ -336,9 +348,12 @@ class RayEngine:
             if self._text:
                 if len(need) < len(items):
                     batch = (batch[0][need], batch[1][need])
+            else:  # numpy in: a router with a numpy forward (the MLP) skips torch altogether
+                batch = rows[need[0]][None] if len(need) == 1 else stack_rows([rows[i] for i in need])
+            if self._text:
+                with torch.inference_mode():
+                    correct_prob, gate = self.router.score(batch)
             else:
-                batch = torch.from_numpy(stack_rows([rows[i] for i in need]))
-            with torch.inference_mode():
                 correct_prob, gate = self.router.score(batch)
             for j, i in enumerate(need):
                 try:

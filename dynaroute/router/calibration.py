@@ -194,3 +194,33 @@ def measure(
     acc, flops = evaluate_routes(route_all(policy, correct_prob, gate, point.threshold), outputs, labels)
     mean = flops + router_flops
     return {"accuracy": acc, "mean_flops": mean, "flops_ratio": mean / full_flops}
+
+
+def choose_cascade_ladder(
+    correct_prob: np.ndarray,
+    gate: np.ndarray,
+    outputs: SubnetOutputs,
+    labels: np.ndarray,
+    router_flops: int,
+    full_flops: int,
+    frontier: list[str],
+    target_accuracy: float,
+    options: dict[str, Any] | None = None,
+    max_rungs: int = 3,
+) -> list[str]:
+    """The cascade ladder, chosen on the calibration split: among the sub-ladders of `frontier`
+    (the validation Pareto frontier of static subnets, cheapest first) with 2..max_rungs rungs,
+    the one whose calibrated cascade reaches `target_accuracy` at the least mean FLOPs. Every
+    rung is paid in full when escalated past, so the whole frontier as a ladder overspends;
+    when no sub-ladder reaches the target, the whole frontier."""
+    from itertools import combinations
+
+    best: tuple[float, list[str]] | None = None
+    for k in range(2, min(max_rungs, len(frontier)) + 1):
+        for ladder in combinations(frontier, k):
+            opts = {**(options or {}), "ladder": list(ladder)}
+            table = calibrate(correct_prob, gate, outputs, labels, router_flops, full_flops, {"cascade": opts})
+            res = table.solve(Budget(target_accuracy=target_accuracy))
+            if res.reachable and (best is None or res.point.mean_flops < best[0]):
+                best = (res.point.mean_flops, list(ladder))
+    return best[1] if best else list(frontier)

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from dynaroute.experts.spec import SubnetSpec
 from dynaroute.router.policy import Policy, Route, register_policy
 
 
+def pareto_ladder(names: Sequence[str], flops: Sequence[int], accuracy: Sequence[float]) -> list[str]:
+    """The static subnets on the (validation) accuracy/FLOPs Pareto frontier, cheapest first,
+    each rung strictly more accurate than the one below it. For a supernet whose shallow
+    subnets keep other layers (DynaBERT), a shallower subnet can beat a deeper one of the
+    same width at less cost (e.g. w1-d4 over w1-d6), which the deepest-per-width ladder misses."""
+    ladder: list[str] = []
+    best = -np.inf
+    for i in sorted(range(len(names)), key=lambda i: (flops[i], -accuracy[i])):
+        if accuracy[i] > best + 1e-12:
+            ladder.append(names[i])
+            best = accuracy[i]
+    return ladder
+
+
 @register_policy
 class CascadePolicy(Policy):
-    """The ladder of a path is its deepest subnet at each width, cheapest first: early exit
-    inside an expert already covers the shallower depths of a width, so escalating to them
-    would recompute blocks.
+    """By default the ladder of a path is its deepest subnet at each width, cheapest first:
+    early exit inside an expert already covers the shallower depths of a width when exits are
+    prefixes (the MLP), so escalating to them would recompute blocks. Option `ladder` (subnet
+    names, cheapest first; e.g. `pareto_ladder` of the validation accuracies) replaces it, per
+    path; early exit then applies along each rung's own exits.
 
     threshold: the confidence bound (max softmax). A sample leaves a subnet at its first exit
     whose confidence reaches it, and escalates to the next rung when even the last exit is
@@ -24,11 +43,19 @@ class CascadePolicy(Policy):
 
     name = "cascade"
 
-    def __init__(self, subnet_names: list[str], subnet_flops: list[int], **options: float):
+    def __init__(self, subnet_names: list[str], subnet_flops: list[int], **options: Any):
         super().__init__(subnet_names, subnet_flops, **options)
         self.start_threshold = float(options.get("start_threshold", 0.5))
         specs = [SubnetSpec.parse(n) for n in subnet_names]
         self.ladders: dict[int, list[int]] = {}
+        given = options.get("ladder")
+        if given is not None:
+            unknown = [n for n in given if n not in subnet_names]
+            if unknown or not given:
+                raise ValueError(f"cascade option ladder must name this bundle's subnets; unknown: {unknown}")
+            for i in (subnet_names.index(n) for n in given):
+                self.ladders.setdefault(specs[i].path, []).append(i)
+            return
         for path in sorted({s.path for s in specs}):
             deepest: dict[float, int] = {}
             for i, s in enumerate(specs):

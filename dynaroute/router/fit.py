@@ -25,7 +25,8 @@ from dynaroute.data import Splits
 from dynaroute.experts.base import DynamicModel
 from dynaroute.experts.flops import count_flops
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import CalibrationTable, calibrate, measure
+from dynaroute.router.calibration import CalibrationTable, calibrate, choose_cascade_ladder, measure
+from dynaroute.router.cascade import pareto_ladder
 from dynaroute.router.model import MLPRouter, MLPRouterConfig, Router
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
@@ -88,8 +89,11 @@ def fit_router(
     config: dict[str, Any],
     train_config: RouterTrainConfig | None = None,
     joint_config: JointTrainConfig | None = None,
-    policies: dict[str, dict[str, float]] | None = None,
+    policies: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
+    calibration_rows: np.ndarray | None = None,
+    calibration_note: str = "",
+    ladder_gap: float | None = None,
 ) -> dict[str, Any]:
     """Train `router` (supervised; and, given `joint_config`, the joint fine-tune on copies for
     comparison), calibrate on "val", write router.safetensors into `out`, and return the
@@ -97,6 +101,11 @@ def fit_router(
 
     inputs / probs / labels are keyed by split ("train", "val", "test"); probs[split][name] is
     a subnet's softmax output; `subnets` are the manifest rows (name, flops, exit_flops, ...).
+    calibration_rows: indices of the "val" rows to calibrate on (all when None), e.g. the rows
+    that look like the inputs served (described by `calibration_note` in the manifest).
+    ladder_gap: when set, the cascade's ladder is chosen on those rows from the validation
+    Pareto frontier of static subnets (`choose_cascade_ladder`), to reach the full model's
+    calibration accuracy minus this gap most cheaply.
     """
     train_config = train_config or RouterTrainConfig()
     policies = policies or DEFAULT_POLICIES
@@ -104,16 +113,26 @@ def fit_router(
     full = model.full_spec.name
     full_flops = int(next(r["flops"] for r in subnets if r["name"] == full))
     router_flops = count_flops(router, take(inputs["val"], slice(0, 1)))
-    full_val = float((probs["val"][full].argmax(-1) == labels["val"]).mean())
+    rows = np.arange(len(labels["val"])) if calibration_rows is None else np.asarray(calibration_rows)
+    cal_probs = {k: v[rows] for k, v in probs["val"].items()}
+    cal_labels = labels["val"][rows]
+    full_val = float((cal_probs[full].argmax(-1) == cal_labels).mean())
 
     started = time.perf_counter()
     history = train_router_supervised(
         router, inputs["train"], correctness_targets(probs["train"], labels["train"], names),
         path_targets(probs["train"], labels["train"], names), train_config, progress=progress,
     )
-    val_out, test_out = SubnetOutputs(probs["val"], subnets), SubnetOutputs(probs["test"], subnets)
-    table = calibrate(*router_scores(router, inputs["val"]), val_out, labels["val"], router_flops, full_flops,
-                      policies)
+    val_out, test_out = SubnetOutputs(cal_probs, subnets), SubnetOutputs(probs["test"], subnets)
+    val_scores = tuple(s[rows] for s in router_scores(router, inputs["val"]))
+    policies = copy.deepcopy(policies)
+    if ladder_gap is not None and "cascade" in policies:
+        val_acc = [float((probs["val"][n].argmax(-1) == labels["val"]).mean()) for n in names]
+        frontier = pareto_ladder(names, [int(r["flops"]) for r in subnets], val_acc)
+        policies["cascade"]["ladder"] = choose_cascade_ladder(
+            *val_scores, val_out, cal_labels, router_flops, full_flops, frontier, full_val - ladder_gap,
+            policies["cascade"])
+    table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies)
     supervised_s = time.perf_counter() - started
     comparison = {"supervised": {
         "seconds": round(supervised_s, 1),
@@ -154,7 +173,8 @@ def fit_router(
                 "comparison": comparison,
             },
         },
-        "calibration": table.to_dict(),
+        "calibration": {**table.to_dict(), "rows": int(len(rows)), "rows_note": calibration_note,
+                        "full_accuracy": full_val},
     }
 
 

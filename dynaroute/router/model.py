@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,12 @@ class Router(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def numpy_forward(self) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+        """`forward` in numpy over a snapshot of the current weights, or None when the family has
+        none. The gateway scores one or a few rows at a time, where torch's per-op dispatch costs
+        far more than the arithmetic of a small router."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,24 @@ class MLPRouter(Router):
         h = torch.relu(self.hidden(x.flatten(1).float() * self.config.input_scale))
         out = self.head(h)
         return out[:, : self.num_subnets], out[:, self.num_subnets :]
+
+    def numpy_forward(self) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        w1 = self.hidden.weight.detach().cpu().numpy().T.copy()  # [in, hidden], x @ w1 as F.linear
+        b1 = self.hidden.bias.detach().cpu().numpy().copy()
+        w2 = self.head.weight.detach().cpu().numpy().T.copy()
+        b2 = self.head.bias.detach().cpu().numpy().copy()
+        scale = np.float32(self.config.input_scale)
+        s = self.num_subnets
+
+        def forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            h = (x.reshape(len(x), -1).astype(np.float32, copy=False) * scale) @ w1
+            h += b1
+            np.maximum(h, 0.0, out=h)
+            out = h @ w2
+            out += b2
+            return out[:, :s], out[:, s:]
+
+        return forward
 
 
 # family -> (config from dict, router from config)

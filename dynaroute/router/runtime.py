@@ -18,6 +18,19 @@ from dynaroute.router.calibration import CalibrationTable, Resolution
 from dynaroute.router.model import Router, build_router
 from dynaroute.router.policy import Policy, Route, make_policy
 
+# Distinct budgets whose calibration resolution is kept (clients choose budgets freely, so the
+# cache is bounded; it is cleared when full).
+_RESOLVE_CACHE_SIZE = 1024
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow for large |z|
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
 
 class RouterRuntime:
     """Scores a batch with the router; plans one input's route through the calibration table."""
@@ -30,6 +43,10 @@ class RouterRuntime:
         self.subnet_flops = list(subnet_flops)
         self.calibration = calibration
         self.default_quality = default_quality
+        # Routers with a numpy forward (the MLP) score numpy batches without torch: a few
+        # microseconds instead of tens for the gateway's small batches.
+        self._numpy_forward = self.router.numpy_forward()
+        self._resolved: dict[Budget, Resolution] = {}
         self._policies: dict[str, Policy] = {
             name: make_policy(name, self.subnet_names, self.subnet_flops, **calibration.options.get(name, {}))
             for name in calibration.policies
@@ -50,16 +67,28 @@ class RouterRuntime:
         return cls(router, info["flops"], [r["name"] for r in rows], [r["flops"] for r in rows], calibration,
                    default_quality)
 
-    @torch.no_grad()
     def score(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
-        """x: a batch tensor (tensor models) or (ids, mask). Returns correct_prob [N, S] in 0..1
-        (columns in `subnet_names` order) and gate [N, K] (rows sum to 1)."""
-        correct_logits, gate_logits = self.router(x)
-        return torch.sigmoid(correct_logits).numpy(), torch.softmax(gate_logits, -1).numpy()
+        """x: a batch tensor or numpy array (tensor models) or (ids, mask). Returns correct_prob
+        [N, S] in 0..1 (columns in `subnet_names` order) and gate [N, K] (rows sum to 1)."""
+        if isinstance(x, np.ndarray):
+            if self._numpy_forward is not None:
+                correct_logits, gate_logits = self._numpy_forward(x)
+                return _sigmoid(correct_logits), _softmax(gate_logits)
+            x = torch.from_numpy(x)
+        with torch.no_grad():
+            correct_logits, gate_logits = self.router(x)
+            return torch.sigmoid(correct_logits).numpy(), torch.softmax(gate_logits, -1).numpy()
 
     def resolve(self, budget: Budget) -> Resolution:
-        """The calibrated operating point (policy, threshold, expected accuracy, mean FLOPs)."""
-        return self.calibration.solve(budget, self.default_quality)
+        """The calibrated operating point (policy, threshold, expected accuracy, mean FLOPs);
+        remembered per budget, since most traffic repeats a few budgets."""
+        r = self._resolved.get(budget)
+        if r is None:
+            r = self.calibration.solve(budget, self.default_quality)
+            if len(self._resolved) >= _RESOLVE_CACHE_SIZE:
+                self._resolved.clear()
+            self._resolved[budget] = r
+        return r
 
     def plan(self, budget: Budget, correct_prob: np.ndarray, gate: np.ndarray) -> Route:
         """One input's route. A pinned subnet runs alone; otherwise the budget resolves to a
