@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", default=None, help="where to write pareto.png and report.json (default: the bundle)")
+    p.add_argument("--data", default=None,
+                   help="the evaluation data's folder (e.g. SST-2's, with train.tsv and dev.tsv); default: the path "
+                   "the bundle's manifest records")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("serve", help="serve a bundle over gRPC on Ray")

@@ -31,18 +31,22 @@ from dynaroute.train.evaluate import subnet_probs
 BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _digits_data(bundle: Bundle) -> dict[str, tuple[Any, np.ndarray]]:
+def _digits_data(bundle: Bundle, data_path: Path | None = None) -> dict[str, Any]:
     from dynaroute.data import load_digits_splits
 
     s = load_digits_splits()
     return {k: (torch.as_tensor(getattr(s, k).x), getattr(s, k).y) for k in ("val", "test")}
 
 
-# manifest data name -> loader of {"val": (inputs, labels), "test": (inputs, labels)}
-EVAL_DATA: dict[str, Callable[[Bundle], dict[str, tuple[Any, np.ndarray]]]] = {"sklearn digits": _digits_data}
+# manifest data name -> loader(bundle, data_path) of {"val": (inputs, labels), "test": (inputs, labels)},
+# optionally with "subnet_probs": (model, split name) -> {subnet or f"{subnet}@{exit}": softmax}
+# for models whose early exits are not the shallower subnets (DynaBERT). data_path is
+# `dynaroute eval --data`, None when not given (the loader then uses what the manifest records).
+EvalLoader = Callable[[Bundle, Path | None], dict[str, Any]]
+EVAL_DATA: dict[str, EvalLoader] = {"sklearn digits": _digits_data}
 
 
-def register_eval_data(name: str, loader: Callable[[Bundle], dict[str, tuple[Any, np.ndarray]]]) -> None:
+def register_eval_data(name: str, loader: EvalLoader) -> None:
     """Let `dynaroute eval` read the validation and test splits of another data set."""
     EVAL_DATA[name] = loader
 
@@ -91,7 +95,7 @@ def oracle(outputs: SubnetOutputs, labels: np.ndarray, full_flops: int) -> dict[
             "flops_ratio": float(spent.mean() / full_flops)}
 
 
-def build_report(bundle: Bundle) -> dict[str, Any]:
+def build_report(bundle: Bundle, data_path: str | Path | None = None) -> dict[str, Any]:
     m = bundle.manifest
     full_flops = bundle.full_flops
     subnets = [
@@ -103,15 +107,18 @@ def build_report(bundle: Bundle) -> dict[str, Any]:
                               "subnets": subnets}
     if "router" not in m:
         return report
+    import dynaroute.train.text  # noqa: F401  (registers the SST-2 loader)
+
     data_name = m.get("data", {}).get("name")
     if data_name not in EVAL_DATA:
         raise BundleError(f"no evaluation data registered for {data_name!r}; known: {sorted(EVAL_DATA)}")
-    data = EVAL_DATA[data_name](bundle)
+    data = EVAL_DATA[data_name](bundle, Path(data_path) if data_path else None)
     model = bundle.supernet()
     runtime = RouterRuntime.from_bundle(bundle)
     table = runtime.calibration
     test_x, test_y = data["test"]
-    outputs = SubnetOutputs(subnet_probs(model, test_x), bundle.subnet_infos)
+    probs_of = data.get("subnet_probs")
+    outputs = SubnetOutputs(probs_of(model, "test") if probs_of else subnet_probs(model, test_x), bundle.subnet_infos)
     scores = router_scores(runtime.router, test_x)
     val_scores = router_scores(runtime.router, data["val"][0])
     policies = {name: make_policy(name, outputs.names, outputs.flops, **table.options.get(name, {}))
@@ -238,7 +245,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main_eval(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
-    report = build_report(bundle)
+    report = build_report(bundle, getattr(args, "data", None))
     out = Path(args.out) if args.out else bundle.root
     out.mkdir(parents=True, exist_ok=True)
     if "dynamic" in report:

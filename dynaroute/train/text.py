@@ -43,6 +43,7 @@ from dynaroute.train.evaluate import describe_subnets
 from dynaroute.train.supernet import seed_everything
 
 LABELS = ["negative", "positive"]
+SST2_DATA_NAME = "SST-2 (GLUE)"  # the manifest's data name, under which `dynaroute eval` finds its loader
 STAGES = ("teacher", "rewire", "width", "depth", "evaluate", "bundle")
 
 
@@ -504,8 +505,8 @@ def train_sst2(
         "subnets": subnets,
         "full_subnet": model.full_spec.name,
         "flops_example_tokens": int(example[1].sum()),
-        "data": {"name": "SST-2 (GLUE)", "path": str(data), "split_sizes": {k: len(v) for k, v in splits.items()},
-                 "test": "dev.tsv"},
+        "data": {"name": SST2_DATA_NAME, "path": str(data.resolve()),
+                 "split_sizes": {k: len(v) for k, v in splits.items()}, "test": "dev.tsv"},
     }
     manifest.update(fit_text_router(model, splits, encoder, probs, labels, subnets, out, progress))
     manifest["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -589,3 +590,42 @@ def main_sst2(args: argparse.Namespace) -> int:
     print(f"wrote bundle {bundle.name!r} to {args.out} in {bundle.manifest['train_seconds']} s; "
           f"full model test accuracy {full['test_accuracy']:.4f}")
     return 0
+
+
+# --- `dynaroute eval` on SST-2 bundles -------------------------------------------------------
+
+def sst2_eval_data(bundle: Bundle, data_path: Path | None = None) -> dict[str, Any]:
+    """The bundle's validation slice of train.tsv and its test split (dev.tsv), rebuilt from the
+    training settings in the manifest, read from `data_path` (`dynaroute eval --data`) or else
+    the folder the manifest records. Subnet outputs include every early exit (DynaBERT's
+    shallower subnets keep other layers, so they are not its exits)."""
+    from dynaroute.errors import BundleError
+
+    recorded = bundle.manifest.get("data", {}).get("path")
+    folder = data_path or (Path(recorded) if recorded else None)
+    if folder is None or not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+        raise BundleError(f"evaluating SST-2 bundle {bundle.name!r} needs the SST-2 folder (train.tsv and dev.tsv); "
+                          f"{'got ' + repr(str(folder)) if folder else 'the manifest records none'}: "
+                          "pass --data PATH")
+    training = bundle.manifest["supernet"]["training"]
+    known = {f for f in SST2TrainConfig.__dataclass_fields__}
+    cfg = SST2TrainConfig(**{k: v for k, v in training.items() if k in known})
+    splits = load_sst2_splits(folder, cfg)
+    encoder = TextEncoder.from_bundle(bundle)
+
+    def probs(model: DynaBert, split: str) -> dict[str, np.ndarray]:
+        return text_subnet_probs(model, splits[split], encoder)
+
+    return {
+        **{k: (encoder.encode(splits[k].texts), splits[k].y) for k in ("val", "test")},
+        "subnet_probs": probs,
+    }
+
+
+def _register_eval() -> None:
+    from dynaroute.train.report import register_eval_data
+
+    register_eval_data(SST2_DATA_NAME, sst2_eval_data)
+
+
+_register_eval()

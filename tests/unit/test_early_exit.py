@@ -94,6 +94,19 @@ def test_batch_is_compacted_as_rows_leave(worker: ExpertWorker):
     assert seen[2] == int((depth > 2).sum())
 
 
+def test_a_single_row_leaves_where_it_would_in_a_batch(worker: ExpertWorker):
+    # One row at a time is the concurrency-1 case, which takes a shorter code path.
+    x = _inputs(16)
+    bound = float(np.median(_exit_confidences(worker, x)[:, 0]))
+    logits, depth, flops = worker.run(DEEP, x, bound)
+    assert set(depth) >= {1, 3}
+    for i in range(len(x)):
+        one = worker.run(DEEP, x[i : i + 1], bound)
+        np.testing.assert_allclose(one[0], logits[i : i + 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(one[1], depth[i : i + 1])
+        np.testing.assert_array_equal(one[2], flops[i : i + 1])
+
+
 def test_no_bound_runs_to_the_last_block_and_per_row_bounds(worker: ExpertWorker, tiny_bundle: Path):
     x = _inputs(8)
     bundle = Bundle.load(tiny_bundle)

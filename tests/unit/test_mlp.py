@@ -74,3 +74,18 @@ def test_subnet_names_round_trip() -> None:
     assert SubnetSpec.parse(spec.name) == spec
     with pytest.raises(ValueError, match="w0.5-d2-p0"):
         SubnetSpec.parse("full")
+
+
+def test_supernet_training_is_seeded_and_reproducible() -> None:
+    from dynaroute.data import load_digits_splits
+    from dynaroute.train.supernet import SupernetTrainConfig, train_supernet
+
+    train = load_digits_splits().train
+    runs = []
+    for _ in range(2):
+        m = SlimmableMLP(MLPConfig(hidden=32, num_blocks=2))
+        losses = train_supernet(m, train, SupernetTrainConfig(epochs=2, seed=7), progress=False)
+        runs.append((losses, m.state_dict()))
+    assert runs[0][0] == runs[1][0] and runs[0][0][1] < runs[0][0][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k

@@ -53,6 +53,17 @@ def test_score_gives_probabilities_per_subnet_and_a_gate(bundle: Bundle, runtime
     assert correct[:, full].mean() >= correct[:, small].mean()
 
 
+def test_numpy_input_scores_as_the_torch_router_does(runtime: RouterRuntime, test_x: torch.Tensor) -> None:
+    # The gateway passes numpy rows, which the MLP router scores without torch.
+    assert runtime.router.numpy_forward() is not None
+    for rows in (test_x[:1], test_x):
+        c_np, g_np = runtime.score(rows.numpy())
+        c_t, g_t = runtime.score(rows)
+        assert c_np.dtype == c_t.dtype and g_np.shape == g_t.shape
+        np.testing.assert_allclose(c_np, c_t, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g_np, g_t, rtol=1e-5, atol=1e-6)
+
+
 def test_plan_pins_a_subnet_and_refuses_unknown_subnets_and_policies(runtime: RouterRuntime,
                                                                      test_x: torch.Tensor) -> None:
     correct, gate = runtime.score(test_x[:1])
