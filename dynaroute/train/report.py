@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,11 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main_eval(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
-    report = build_report(bundle, getattr(args, "data", None))
+    try:
+        report = build_report(bundle, getattr(args, "data", None))
+    except BundleError as e:  # e.g. the evaluation data is missing: say what is needed, no traceback
+        print(f"dynaroute eval: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else bundle.root
     out.mkdir(parents=True, exist_ok=True)
     if "dynamic" in report:
