@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,20 @@ def digits_server(digits_bundle_dir: Path):
     server = ServerProcess.start(digits_bundle_dir, "--max-message-bytes", "65536")
     yield server
     server.stop()
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:  # a missing tool fails the test: it is part of the set-up, never a reason to skip
+        pytest.fail(f"{tool} is not installed: run `make prometheus` (Debian's prometheus package)")
+    return path
+
+
+@pytest.fixture()
+def require_promtool() -> str:
+    return _require("promtool")
+
+
+@pytest.fixture()
+def require_prometheus() -> str:
+    return _require("prometheus")

@@ -95,3 +95,18 @@ def test_train_sst2_tiny_writes_a_servable_text_bundle(tmp_path: Path) -> None:
     logits = sub(x)
     assert logits.shape == (2, 2)
     torch.testing.assert_close(logits, supernet(x, SubnetSpec(0.5, 3)), atol=1e-5, rtol=0)
+
+    # `dynaroute eval` reads the data where the manifest says it came from, or from --data
+    assert m["data"]["path"] == str(data.resolve())
+    ev = subprocess.run([sys.executable, "-m", "dynaroute", "eval", str(out), "--json", "--out", str(tmp_path / "ev")],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads(ev.stdout)
+    assert len(report["subnets"]) == 12 and len(report["dynamic"]) == 5
+    assert {d["budget"] for d in report["dynamic"]} == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert 0.0 < report["oracle"]["accuracy"] <= 1.0
+    assert (tmp_path / "ev" / "pareto.png").is_file()
+    missing = subprocess.run([sys.executable, "-m", "dynaroute", "eval", str(out), "--data", str(tmp_path / "none")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert missing.returncode == 2
+    assert "needs the SST-2 folder" in missing.stderr and "--data" in missing.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from dynaroute.data import load_digits_splits
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus missing: run `make prometheus`"),
+    pytest.mark.usefixtures("require_prometheus"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -220,7 +220,7 @@ def test_metrics_count_requests_by_status_and_pass_promtool(client, digits_serve
     assert f'dynaroute_requests_total{{api="native",model="{model}",status="invalid_argument"}}' in text
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (make prometheus installs Debian's prometheus)")
+        pytest.fail("promtool is not installed: run `make prometheus` (Debian's prometheus package)")
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
 

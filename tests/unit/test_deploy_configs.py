@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,7 +23,7 @@ _METRIC = re.compile(r"\b(dynaroute_[a-z0-9_]+)(\{[^}]*\})?")
 _RECORDED = re.compile(r"\b(dynaroute:[a-z0-9_:]+)")
 _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 
-promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing: run `make prometheus`")
+promtool = pytest.mark.usefixtures("require_promtool")
 
 
 def declared_series() -> dict[str, tuple[str, ...]]:
