@@ -1,0 +1,90 @@
+"""Is the dynamic BERT's FLOPs saving real time? Requests/s through the gateway, same load.
+
+    .venv/bin/python benchmarks/bench_text_serving.py --bundle runs/sst2_full/bundle \
+        [--data ../shared/data/sst2] [--budget-quality Q | --budget-target-accuracy A]
+
+Starts `dynaroute serve` on the bundle (local Ray, free ports), then sends SST-2 dev sentences
+with 32 requests in flight over one channel, first with the full subnet pinned, then at the
+dynamic budget (by default the calibrated point within 0.5 points of the full model's
+validation accuracy), and prints requests/s, accuracy and mean FLOPs share for each and the
+ratio of the two throughputs (issue 5's bar: at least 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dynaroute.bundle import Bundle
+from dynaroute.client import AsyncClient
+from dynaroute.data import read_sst2
+from dynaroute.demo import start_server
+
+CONCURRENCY = 32
+
+
+async def run(address: str, texts: list[str], labels: np.ndarray, **budget: object) -> dict[str, float]:
+    """Every sentence once, CONCURRENCY callers with one request in flight each."""
+    correct = 0
+    ratios: list[float] = []
+    async with AsyncClient(address, timeout_s=120) as client:
+        await asyncio.gather(*(client.infer(text=t, **budget) for t in texts[:CONCURRENCY]))  # warm-up
+        todo = iter(range(len(texts)))
+
+        async def caller() -> None:
+            nonlocal correct
+            for i in todo:
+                reply = await client.infer(text=texts[i], **budget)
+                correct += int(reply.outputs.label == labels[i])
+                ratios.append(reply.cost.flops_ratio)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - t0
+    return {"rps": len(texts) / elapsed, "accuracy": correct / len(texts), "flops_ratio": float(np.mean(ratios))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="runs/sst2_full/bundle")
+    parser.add_argument("--data", default="../shared/data/sst2", help="folder with dev.tsv")
+    parser.add_argument("--n", type=int, default=872, help="dev sentences to send per run")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-quality", type=float, default=None)
+    budget.add_argument("--budget-target-accuracy", type=float, default=None)
+    args = parser.parse_args()
+
+    bundle = Bundle.load(args.bundle)
+    texts, labels = read_sst2(Path(args.data) / "dev.tsv", limit=args.n)
+    full = next(s for s in bundle.subnet_infos if s["name"] == bundle.full_subnet)
+    if args.budget_quality is not None:
+        dynamic: dict[str, object] = {"quality": args.budget_quality}
+    else:
+        target = args.budget_target_accuracy
+        dynamic = {"target_accuracy": target if target is not None else full["val_accuracy"] - 0.005}
+
+    proc, address = start_server(Path(args.bundle))
+    try:
+        pinned = asyncio.run(run(address, texts, labels, subnet=bundle.full_subnet))
+        routed = asyncio.run(run(address, texts, labels, **dynamic))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+    budget_text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in dynamic.items())
+    print(f"{bundle.name}: {len(texts)} SST-2 dev sentences, {CONCURRENCY} in flight, through gRPC + Ray")
+    print(f"{'route':<44} {'req/s':>8} {'accuracy':>9} {'FLOPs/full':>11}")
+    for name, r in ((f"pinned full subnet {bundle.full_subnet}", pinned), (f"dynamic ({budget_text})", routed)):
+        print(f"{name:<44} {r['rps']:>8.1f} {r['accuracy']:>9.2%} {r['flops_ratio']:>11.1%}")
+    ratio = routed["rps"] / pinned["rps"]
+    print(f"dynamic / full throughput: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'missed'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
