@@ -1,6 +1,6 @@
 """Is the dynamic BERT's FLOPs saving real time? Requests/s through the gateway, same load.
 
-    .venv/bin/python benchmarks/bench_text_serving.py --bundle runs/sst2_full/bundle \
+    .venv/bin/python benchmarks/bench_text_serving.py --bundle runs/sst2_full \
         [--data ../shared/data/sst2] [--budget-quality Q | --budget-target-accuracy A]
 
 Starts `dynaroute serve` on the bundle (local Ray, free ports), then sends SST-2 dev sentences
@@ -51,7 +51,7 @@ async def run(address: str, texts: list[str], labels: np.ndarray, **budget: obje
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default="runs/sst2_full/bundle")
+    parser.add_argument("--bundle", default="runs/sst2_full")
     parser.add_argument("--data", default="../shared/data/sst2", help="folder with dev.tsv")
     parser.add_argument("--n", type=int, default=872, help="dev sentences to send per run")
     budget = parser.add_mutually_exclusive_group()

@@ -59,3 +59,34 @@ def require_promtool() -> str:
 @pytest.fixture()
 def require_prometheus() -> str:
     return _require("prometheus")
+
+
+@pytest.fixture(scope="session")
+def sst2_tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SST-2 (DynaBERT) bundle: two steps per stage, short sequences, a small sample;
+    trained once for the session (~20 s at one torch thread)."""
+    import torch
+
+    from dynaroute.train.text import SST2TrainConfig, train_sst2
+    from tests.sst2_sample import sst2_data
+
+    root = tmp_path_factory.mktemp("bundles")
+    cfg = SST2TrainConfig(max_length=24, max_examples=200, val_examples=48, router_examples=48, test_examples=48,
+                          batch_size=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread trains faster than two contending
+    try:
+        train_sst2(sst2_data(root / "data"), root / "sst2", cfg, steps_cap=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "sst2"
+
+
+@pytest.fixture(scope="session")
+def sst2_server(sst2_tiny_bundle_dir: Path):
+    """`dynaroute serve` on the tiny SST-2 bundle (subprocess, local Ray, free ports)."""
+    from tests.serving import ServerProcess
+
+    server = ServerProcess.start(sst2_tiny_bundle_dir)
+    yield server
+    server.stop()

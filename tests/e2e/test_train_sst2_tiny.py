@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,38 +18,15 @@ import torch
 from dynaroute.bundle import Bundle
 from dynaroute.experts.spec import SubnetSpec
 from dynaroute.text import TextEncoder
+from tests.sst2_sample import sst2_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data" / "sst2"
-
-
-def _sample_data(root: Path) -> Path:
-    """A small SST-2-shaped sample: sentiment words in varied templates."""
-    rng = random.Random(0)
-    good = ["great", "wonderful", "moving", "funny", "brilliant", "charming", "smart", "delightful"]
-    bad = ["dull", "boring", "awful", "tedious", "clumsy", "lifeless", "stupid", "painful"]
-    nouns = ["film", "movie", "story", "script", "performance", "cast", "ending", "direction"]
-    templates = ["a {a} {n}", "the {n} is {a}", "{a} and {b} , the {n} never lets up", "an {a} {n} about nothing"]
-
-    def rows(n: int) -> list[str]:
-        out = []
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            words = good if label else bad
-            text = rng.choice(templates).format(a=rng.choice(words), b=rng.choice(words), n=rng.choice(nouns))
-            out.append(f"{label}\t{text}")
-        return out
-
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train.tsv").write_text("label\tsentence\n" + "\n".join(rows(600)) + "\n")
-    (root / "dev.tsv").write_text("label\tsentence\n" + "\n".join(rows(64)) + "\n")
-    return root
 
 
 def test_train_sst2_tiny_writes_a_servable_text_bundle(tmp_path: Path) -> None:
-    data = SHARED if (SHARED / "train.tsv").is_file() else _sample_data(tmp_path / "data")
+    data = sst2_data(tmp_path / "data")
     out = tmp_path / "sst2"
     cmd = [
         sys.executable, "-m", "dynaroute", "train", "sst2", "--data", str(data), "--out", str(out),
