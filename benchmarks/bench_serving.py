@@ -34,7 +34,11 @@ def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
 
 
 def in_process(bundle: Bundle, x: np.ndarray, n: int) -> tuple[float, float, float]:
-    """The full subnet called directly: p50 / p99 of one example, and rows/s at batch 32."""
+    """The full subnet called directly: p50 / p99 of one example, and rows/s at batch 32.
+    On one torch thread, as the expert actors run (EngineConfig.expert_threads): on a busy
+    machine torch's thread pool can stall a tiny op for milliseconds, which would make the
+    baseline, and so the overhead, meaningless."""
+    torch.set_num_threads(1)
     model = bundle.extract(bundle.full_subnet)
     times = []
     with torch.inference_mode():

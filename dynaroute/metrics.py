@@ -10,6 +10,7 @@ they refuse before calling the engine (a wire problem).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -82,6 +83,14 @@ _STATUS = (
 )
 
 
+# The label values known in advance, whose children the engine creates at start (zero) so that
+# rate() and increase() see the first request, error or fallback rather than a series that
+# appears already at 1.
+APIS = ("native", "kserve")
+STATUSES = ("ok", *(name for _, name in _STATUS), "internal")
+FALLBACK_REASONS = ("expert_unavailable", "expert_error")
+
+
 def status_of(error: BaseException | None) -> str:
     """The `status` label of a request that ended with `error` (None: ok)."""
     if error is None:
@@ -114,6 +123,22 @@ class ModelMetrics:
         self.escalations = ESCALATIONS.labels(model)
         self.inflight = INFLIGHT.labels(model)
         self._children: dict[tuple[Any, ...], Any] = {}
+
+    def precreate(self, subnets: Sequence[str], max_depth: int) -> None:
+        """Create every known child at zero: requests by API and status, FLOPs and route
+        decisions per subnet (FLOPs for the router too), exits per depth, fallbacks per reason
+        (escalations and full FLOPs are created with the object)."""
+        for api in APIS:
+            for status in STATUSES:
+                self.requests(api, status)
+        self.child(FLOPS, "router")
+        for subnet in subnets:
+            self.child(FLOPS, subnet)
+            self.child(ROUTE_DECISIONS, subnet)
+        for depth in range(1, max_depth + 1):
+            self.child(EXITS, str(depth))
+        for reason in FALLBACK_REASONS:
+            self.child(FALLBACKS, reason)
 
     def requests(self, api: str, status: str) -> Any:
         return self.child(REQUESTS, api, status)

@@ -63,6 +63,9 @@ class RayEngine:
         self._full_flops = bundle.full_flops
         self._labels = bundle.labels
         self._subnets = [s["name"] for s in bundle.subnet_infos]
+        # Exits are numbered 1..(number of exits of the deepest subnet).
+        max_depth = max(len(s.get("exit_flops") or ()) or int(s["depth"]) for s in bundle.subnet_infos)
+        self._metrics.precreate(self._subnets, max_depth)
         spec = bundle.manifest["input"]
         self._text = spec.get("kind") == "text"
         self._encoder = None

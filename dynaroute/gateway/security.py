@@ -10,10 +10,12 @@ serving without holding the secret; they reveal nothing else.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
+
+from dynaroute import metrics
 
 # Method prefixes that answer without a token: only the standard health service.
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
@@ -79,6 +81,20 @@ def bearer_call_credentials(token: str) -> grpc.CallCredentials:
     """Call credentials sending the token on every call of a TLS channel (combine them with
     `grpc.composite_channel_credentials`); gRPC refuses call credentials on plaintext."""
     return grpc.access_token_call_credentials(token)
+
+
+def count_rejected(apis: Mapping[str, str], model: Callable[[], str]) -> Callable[[str], None]:
+    """An `on_rejected` for BearerTokenInterceptor that counts a refused call in
+    dynaroute_requests_total{model, api, status="unauthenticated"}. `apis` maps a full service
+    name to its api label; calls to other services (reflection) are not model requests and are
+    not counted. `model()` gives the model label at the time of the call."""
+
+    def on_rejected(method: str) -> None:
+        api = apis.get(method.lstrip("/").split("/", 1)[0])  # "/package.Service/Method"
+        if api is not None:
+            metrics.record_request(model(), api, "unauthenticated")
+
+    return on_rejected
 
 
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

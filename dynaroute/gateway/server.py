@@ -75,6 +75,11 @@ async def quiesce(slot: EngineSlot, limit_s: float, quiet_s: float = 0.5) -> Non
         await asyncio.sleep(quiet_s / 4)
 
 
+def _model_label(slot: EngineSlot) -> str:
+    # As the servicers label what they refuse: the served model, "unknown" while starting.
+    return slot.engine.model_name if slot.engine is not None else "unknown"
+
+
 def _set_health(servicer: health.aio.HealthServicer, status: int) -> asyncio.Future:
     return asyncio.gather(*(servicer.set(name, status) for name in HEALTH_SERVICES))
 
@@ -84,9 +89,10 @@ def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Serve
     not started. Returns it, its health servicer and the bound port."""
     interceptors = []
     if config.auth_token_file:
-        from dynaroute.gateway.security import BearerTokenInterceptor, read_token_file
+        from dynaroute.gateway.security import BearerTokenInterceptor, count_rejected, read_token_file
 
-        interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file)))
+        on_rejected = count_rejected({NATIVE_SERVICE: "native", KSERVE_SERVICE: "kserve"}, lambda: _model_label(slot))
+        interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file), on_rejected=on_rejected))
     # The transport accepts up to 4x the limit so that a merely too-large request reaches the
     # servicers and gets INVALID_ARGUMENT naming the limit; beyond that gRPC itself refuses it
     # (RESOURCE_EXHAUSTED) before reading it into memory.

@@ -65,7 +65,8 @@ def default_thresholds(policy: str, correct_prob: np.ndarray) -> np.ndarray:
     cascade, dense near 1 where softmax confidences crowd."""
     grid = np.linspace(0.0, 1.0, 21)
     if policy == "cascade":
-        return np.unique(np.concatenate([grid, 1.0 - np.logspace(-6, -1, 21)]))
+        # 0.01 steps from 0.5: a 2-class task's confidences all lie in [0.5, 1], where 0.05 steps are too coarse
+        return np.unique(np.concatenate([grid, np.linspace(0.5, 0.99, 50), 1.0 - np.logspace(-6, -1, 21)]))
     quantiles = np.quantile(correct_prob, np.linspace(0.0, 1.0, 41))
     return np.unique(np.concatenate([grid, quantiles, [1.0 + 1e-9]]))
 

@@ -483,6 +483,18 @@ def train_sst2(
     probs = {s: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(s + "/")} for s in eval_splits}
     labels = {s: splits[s].y for s in eval_splits}
 
+    # 5b. more calibration rows: sentence-like training rows that no stage ever drew
+    stage_steps = {stage: int(ck.state["info"][stage]["steps"]) for stage in ("teacher", "width", "depth")}
+    unseen = unseen_sentence_rows(lengths, cfg, {**stage_steps, "rewire": cfg.importance_batches})
+    splits["calib"] = TextSplit([train.texts[i] for i in unseen], train.y[unseen])
+    calib_path = ck.root / "probs_calib.safetensors"
+    if not ck.done("evaluate_calib"):
+        save_numpy(text_subnet_probs(model, splits["calib"], encoder, progress=progress), str(calib_path))
+        checkpoint_time()
+        ck.mark_done("evaluate_calib", rows=len(unseen))
+    probs["calib"] = load_numpy(str(calib_path))
+    labels["calib"] = splits["calib"].y
+
     # FLOPs and latency for a sentence of the validation split's median length
     val_lengths = encoder.lengths(splits["val"].texts)
     median = int(np.argsort(val_lengths)[len(val_lengths) // 2])
@@ -537,9 +549,19 @@ def fit_text_router(
     router.init_from_word_embeddings(model.embeddings.word.weight.detach())
     keys = {"train": "router", "val": "val", "test": "test"}
     inputs = {k: encoder.encode(splits[v].texts) for k, v in keys.items()}
-    rows, note = sentence_like_rows(encoder.lengths(splits["val"].texts))
+    probs = {k: probs[v] for k, v in keys.items()} | {"calib": probs.get("calib", {})}
+    labels = {k: labels[v] for k, v in keys.items()}
+    val_texts = list(splits["val"].texts)
+    if "calib" in splits and len(splits["calib"]):
+        # the validation split, extended by the unused sentence-like training rows (calibration only)
+        val_texts += splits["calib"].texts
+        probs["val"] = {k: np.concatenate([v, probs["calib"][k]]) for k, v in probs["val"].items()}
+        labels["val"] = np.concatenate([labels["val"], splits["calib"].y])
+        inputs["val"] = encoder.encode(val_texts)
+    del probs["calib"]
+    rows, note = sentence_like_rows(encoder.lengths(val_texts))
     return fit_router(
-        model, inputs, {k: probs[v] for k, v in keys.items()}, {k: labels[v] for k, v in keys.items()}, subnets, out,
+        model, inputs, probs, labels, subnets, out,
         router, TextRouter.family, config.to_dict(), train_config=RouterTrainConfig(epochs=60, lr=3e-3),
         progress=progress, calibration_rows=rows, calibration_note=note, ladder_gap=NEAR_FULL_POINTS,
     )
@@ -555,6 +577,31 @@ MIN_CALIBRATION_ROWS = 100
 NEAR_FULL_POINTS = 0.005
 
 
+# At most this many unused training rows join the calibration rows (evaluating every subnet and
+# exit on them costs about a minute per thousand sentences on one CPU thread).
+MAX_EXTRA_CALIBRATION_ROWS = 3000
+
+
+def unseen_sentence_rows(lengths: list[int], cfg: SST2TrainConfig, steps: dict[str, int]) -> np.ndarray:
+    """Indices of sentence-like training rows that no stage drew: each stage's batch stream
+    (see `batch_stream`) is replayed for the steps it ran. They are as held-out as the
+    validation split (neither was trained on), and look like what is served."""
+    seeds = {"teacher": 1, "rewire": 2, "width": 3, "depth": 4}
+    seen: set[int] = set()
+    for stage, n in steps.items():
+        seed = cfg.seed * 100 + seeds[stage]
+        epoch = 0
+        while n > 0:
+            batches = length_batches(lengths, cfg.batch_size, random.Random(seed * 1000 + epoch))
+            for b in batches[:n]:
+                seen.update(b)
+            n -= len(batches)
+            epoch += 1
+    lengths_np = np.asarray(lengths)
+    rows = [i for i in range(len(lengths)) if i not in seen and lengths_np[i] >= SENTENCE_TOKENS]
+    return np.asarray(rows[:MAX_EXTRA_CALIBRATION_ROWS], dtype=np.int64)
+
+
 def sentence_like_rows(lengths: list[int]) -> tuple[np.ndarray, str]:
     """Indices of the validation rows to calibrate on, and a note for the manifest."""
     lengths_np = np.asarray(lengths)
@@ -562,7 +609,8 @@ def sentence_like_rows(lengths: list[int]) -> tuple[np.ndarray, str]:
     if len(rows) < MIN_CALIBRATION_ROWS:
         return np.arange(len(lengths_np)), f"all validation rows (fewer than {MIN_CALIBRATION_ROWS} of " \
             f">= {SENTENCE_TOKENS} tokens)"
-    return rows, f"validation rows of >= {SENTENCE_TOKENS} tokens (sentence-like; train.tsv phrases are shorter)"
+    return rows, (f"validation rows and unused training rows of >= {SENTENCE_TOKENS} tokens (sentence-like; "
+                  "train.tsv phrases are shorter)")
 
 
 def config_from_args(args: argparse.Namespace) -> SST2TrainConfig:

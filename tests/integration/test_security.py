@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynaroute.gateway.security import (
     BearerTokenInterceptor,
@@ -302,5 +304,17 @@ def test_dynaroute_serve_with_mtls_and_token(pki: dict[str, Path], digits_bundle
         with Client(target, **mtls, token=TOKEN, timeout_s=30) as client:
             reply = client.infer(x, quality=1.0)
             assert reply.outputs.label_name and reply.cost.total_flops > 0
+
+        # The two calls the token check refused are counted, by API; the TLS refusals never
+        # reached gRPC. Children that saw no request yet exist at zero (created at start).
+        text = urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10).read().decode()
+        requests = {
+            (s.labels["api"], s.labels["status"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "dynaroute_requests_total" and s.labels["model"] == server.model
+        }
+        assert requests[("native", "unauthenticated")] == 2
+        assert requests[("native", "ok")] == 1
+        assert requests[("kserve", "ok")] == requests[("kserve", "unauthenticated")] == 0
     finally:
         assert server.stop() == 0, server.output()

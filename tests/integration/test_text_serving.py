@@ -104,5 +104,5 @@ def test_kserve_bytes_request_through_tritonclient(sst2_server, bundle):
         empty = tc.InferInput("text", [1], "BYTES")
         empty.set_data_from_numpy(np.array([b""], dtype=object))
         triton.infer(bundle.name, [empty])
-    assert "INVALID_ARGUMENT" in str(e.value.status()) or "text" in str(e.value)
+    assert "INVALID_ARGUMENT" in str(e.value.status()), e.value
     triton.close()

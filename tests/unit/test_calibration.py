@@ -10,7 +10,7 @@ import pytest
 
 from dynaroute.errors import InvalidInputError
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import AUTO, CalibrationTable, OperatingPoint, calibrate
+from dynaroute.router.calibration import AUTO, CalibrationTable, OperatingPoint, calibrate, choose_cascade_ladder
 from dynaroute.router.policy import Route
 from dynaroute.router.replay import SubnetOutputs
 
@@ -146,3 +146,17 @@ def test_the_table_survives_the_manifest_round_trip(table: CalibrationTable) -> 
     assert [b["budget"] for b in d["budgets"]] == [0, 0.25, 0.5, 0.75, 1]
     for q in (0.0, 0.3, 0.7, 1.0):
         assert again.solve(Budget(quality=q)) == table.solve(Budget(quality=q))
+
+
+def test_cascade_ladder_is_the_cheapest_sub_ladder_reaching_the_target() -> None:
+    # 8 easy inputs w0.5-d1 answers confidently; 2 hard ones it and w0.5-d2 get wrong, w1-d1 right
+    out = outputs_of({"w0.5-d1-p0": [0.99] * 8 + [0.4] * 2, "w0.5-d2-p0": [0.99] * 8 + [0.45] * 2,
+                      "w1-d1-p0": [0.99] * 10, "w1-d2-p0": [0.99] * 10})
+    labels = np.zeros(10, dtype=np.int64)
+    scores = np.full((10, 4), 0.9), np.ones((10, 1))
+    frontier = ["w0.5-d1-p0", "w0.5-d2-p0", "w1-d1-p0", "w1-d2-p0"]
+    # escalating through w0.5-d2 or on to w1-d2 would pay for rungs that do not help
+    assert choose_cascade_ladder(*scores, out, labels, 1, 100, frontier, 1.0) == ["w0.5-d1-p0", "w1-d1-p0"]
+    # a target no sub-ladder reaches: the whole frontier
+    wrong = outputs_of({n: [0.3] * 10 for n in frontier})
+    assert choose_cascade_ladder(*scores, wrong, labels, 1, 100, frontier, 0.5) == frontier

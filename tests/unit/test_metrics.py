@@ -104,3 +104,50 @@ def test_status_labels_are_the_lower_case_grpc_code_names():
     assert metrics.status_of(RuntimeError("x")) == "internal"
     metrics.record_request("status-model", "kserve", "ok")
     assert _value("dynaroute_requests_total", model="status-model", api="kserve", status="ok") == 1
+
+
+def test_known_children_exist_at_zero_from_the_start_so_rate_sees_the_first_increase():
+    m = metrics.ModelMetrics("fresh-model")
+    m.precreate(["small", "big"], max_depth=3)
+
+    def present(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"model": "fresh-model", **labels})
+
+    for api in ("native", "kserve"):
+        for status in ("ok", "invalid_argument", "resource_exhausted", "unavailable", "unauthenticated", "internal"):
+            assert present("dynaroute_requests_total", api=api, status=status) == 0, (api, status)
+    for subnet in ("router", "small", "big"):
+        assert present("dynaroute_flops_total", subnet=subnet) == 0
+    for subnet in ("small", "big"):
+        assert present("dynaroute_route_decisions_total", subnet=subnet) == 0
+    assert [present("dynaroute_exits_total", depth=str(d)) for d in (1, 2, 3, 4)] == [0, 0, 0, None]
+    for reason in ("expert_unavailable", "expert_error"):
+        assert present("dynaroute_fallbacks_total", reason=reason) == 0
+    assert present("dynaroute_escalations_total") == 0
+    # The pre-created children are the ones recording uses.
+    _cascade_request(m)
+    assert present("dynaroute_exits_total", depth="3") == 1
+
+
+def test_calls_refused_by_the_token_check_count_as_unauthenticated_per_api():
+    from dynaroute.gateway.security import count_rejected
+
+    model = ["unknown"]  # the server's label while it starts, then the served model's name
+    on_rejected = count_rejected({"dynaroute.v1.Dynaroute": "native", "inference.GRPCInferenceService": "kserve"},
+                                 lambda: model[0])
+    before = {
+        (m, api): _value("dynaroute_requests_total", model=m, api=api, status="unauthenticated")
+        for m in ("unknown", "auth-model") for api in ("native", "kserve")
+    }
+    on_rejected("/inference.GRPCInferenceService/ModelInfer")
+    on_rejected("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")  # not a model request
+    model[0] = "auth-model"
+    on_rejected("/dynaroute.v1.Dynaroute/Infer")
+    on_rejected("/dynaroute.v1.Dynaroute/InferStream")
+    on_rejected("/inference.GRPCInferenceService/ModelInfer")
+    after = {
+        key: _value("dynaroute_requests_total", model=key[0], api=key[1], status="unauthenticated") - v
+        for key, v in before.items()
+    }
+    assert after == {("unknown", "native"): 0, ("unknown", "kserve"): 1,
+                     ("auth-model", "native"): 2, ("auth-model", "kserve"): 1}

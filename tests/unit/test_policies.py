@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dynaroute.errors import InvalidInputError
+from dynaroute.router.cascade import pareto_ladder
 from dynaroute.router.policy import POLICIES, Route, make_policy
 
 # One path, widths 0.5 / 1, depths 1 / 2, in the bundle's order (path, width, depth).
@@ -51,6 +52,26 @@ def test_cascade_starts_higher_when_the_router_expects_the_small_subnets_to_fail
     assert route.subnets == ("w1-d2-p0",) and route.escalation == ()
     # nothing reaches the start threshold: start at the top rung
     assert policy.route(np.zeros(4), ONE_GATE, 0.9).subnets == ("w1-d2-p0",)
+
+
+def test_pareto_ladder_keeps_a_shallow_subnet_that_beats_a_deeper_one_and_drops_dominated_ones() -> None:
+    # DynaBERT-like: w1-d1 (20 FLOPs) beats w0.5-d2 (30) and w1-d2 (100) on validation
+    accuracy = [0.80, 0.84, 0.90, 0.89]
+    assert pareto_ladder(NAMES, FLOPS, accuracy) == ["w0.5-d1-p0", "w1-d1-p0"]
+    # each rung strictly more accurate, cheapest first
+    assert pareto_ladder(NAMES, FLOPS, [0.80, 0.85, 0.82, 0.95]) == ["w0.5-d1-p0", "w1-d1-p0", "w0.5-d2-p0",
+                                                                     "w1-d2-p0"]
+
+
+def test_cascade_climbs_a_given_ladder_and_refuses_unknown_rungs() -> None:
+    policy = make_policy("cascade", NAMES, FLOPS, start_threshold=0.5, ladder=["w0.5-d1-p0", "w1-d1-p0"])
+    route = policy.route(np.array([0.9, 0.9, 0.9, 0.9]), ONE_GATE, 0.9)
+    assert route == Route(("w0.5-d1-p0",), (1.0,), escalation=("w1-d1-p0",), confidence_bound=0.9,
+                          policy="cascade")
+    # the router's start threshold skips rungs of the given ladder too
+    assert policy.route(np.array([0.1, 0.9, 0.9, 0.9]), ONE_GATE, 0.9).subnets == ("w1-d1-p0",)
+    with pytest.raises(ValueError, match="ladder"):
+        make_policy("cascade", NAMES, FLOPS, ladder=["w9-d9-p0"])
 
 
 PATH_NAMES = ["w1-d1-p0", "w1-d2-p0", "w1-d1-p1", "w1-d2-p1", "w1-d1-p2", "w1-d2-p2"]
