@@ -53,6 +53,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="runs/sst2_full")
     parser.add_argument("--data", default="../shared/data/sst2", help="folder with dev.tsv")
+    parser.add_argument("--placement", default=None, help="placement JSON passed to `dynaroute serve`")
     parser.add_argument("--n", type=int, default=872, help="dev sentences to send per run")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-quality", type=float, default=None)
@@ -68,7 +69,8 @@ def main() -> int:
         target = args.budget_target_accuracy
         dynamic = {"target_accuracy": target if target is not None else full["val_accuracy"] - 0.005}
 
-    proc, address = start_server(Path(args.bundle))
+    extra = ["--placement", args.placement] if args.placement else []
+    proc, address = start_server(Path(args.bundle), extra_args=extra)
     try:
         pinned = asyncio.run(run(address, texts, labels, subnet=bundle.full_subnet))
         routed = asyncio.run(run(address, texts, labels, **dynamic))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,12 @@ class BudgetRow:
     p99_ms: float
 
 
-def start_server(bundle: Path, timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    bundle: Path, timeout_s: float = 300.0, extra_args: Sequence[str] = ()
+) -> tuple[subprocess.Popen, str]:
     """`dynaroute serve` as a subprocess on free ports; returns it and its gRPC address once the
     ready line appears (its output is echoed, prefixed, so that start-up problems are visible)."""
-    cmd = [sys.executable, "-m", "dynaroute", "serve", str(bundle), "--port", "0", "--metrics-port", "0"]
+    cmd = [sys.executable, "-m", "dynaroute", "serve", str(bundle), "--port", "0", "--metrics-port", "0", *extra_args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
