@@ -65,8 +65,7 @@ def default_thresholds(policy: str, correct_prob: np.ndarray) -> np.ndarray:
     cascade, dense near 1 where softmax confidences crowd."""
     grid = np.linspace(0.0, 1.0, 21)
     if policy == "cascade":
-        # 0.01 steps from 0.5: a 2-class task's confidences all lie in [0.5, 1], where 0.05 steps are too coarse
-        return np.unique(np.concatenate([grid, np.linspace(0.5, 0.99, 50), 1.0 - np.logspace(-6, -1, 21)]))
+        return np.unique(np.concatenate([grid, 1.0 - np.logspace(-6, -1, 21)]))
     quantiles = np.quantile(correct_prob, np.linspace(0.0, 1.0, 41))
     return np.unique(np.concatenate([grid, quantiles, [1.0 + 1e-9]]))
 
@@ -208,6 +207,7 @@ def choose_cascade_ladder(
     target_accuracy: float,
     options: dict[str, Any] | None = None,
     max_rungs: int = 3,
+    thresholds: np.ndarray | None = None,
 ) -> list[str]:
     """The cascade ladder, chosen on the calibration split: among the sub-ladders of `frontier`
     (the validation Pareto frontier of static subnets, cheapest first) with 2..max_rungs rungs,
@@ -220,7 +220,8 @@ def choose_cascade_ladder(
     for k in range(2, min(max_rungs, len(frontier)) + 1):
         for ladder in combinations(frontier, k):
             opts = {**(options or {}), "ladder": list(ladder)}
-            table = calibrate(correct_prob, gate, outputs, labels, router_flops, full_flops, {"cascade": opts})
+            table = calibrate(correct_prob, gate, outputs, labels, router_flops, full_flops, {"cascade": opts},
+                              None if thresholds is None else {"cascade": thresholds})
             res = table.solve(Budget(target_accuracy=target_accuracy))
             if res.reachable and (best is None or res.point.mean_flops < best[0]):
                 best = (res.point.mean_flops, list(ladder))

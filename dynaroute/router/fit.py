@@ -94,6 +94,7 @@ def fit_router(
     calibration_rows: np.ndarray | None = None,
     calibration_note: str = "",
     ladder_gap: float | None = None,
+    thresholds: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Train `router` (supervised; and, given `joint_config`, the joint fine-tune on copies for
     comparison), calibrate on "val", write router.safetensors into `out`, and return the
@@ -106,6 +107,7 @@ def fit_router(
     ladder_gap: when set, the cascade's ladder is chosen on those rows from the validation
     Pareto frontier of static subnets (`choose_cascade_ladder`), to reach the full model's
     calibration accuracy minus this gap most cheaply.
+    thresholds: policy name -> the thresholds to sweep (default: `default_thresholds`).
     """
     train_config = train_config or RouterTrainConfig()
     policies = policies or DEFAULT_POLICIES
@@ -131,8 +133,8 @@ def fit_router(
         frontier = pareto_ladder(names, [int(r["flops"]) for r in subnets], val_acc)
         policies["cascade"]["ladder"] = choose_cascade_ladder(
             *val_scores, val_out, cal_labels, router_flops, full_flops, frontier, full_val - ladder_gap,
-            policies["cascade"])
-    table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies)
+            policies["cascade"], thresholds=(thresholds or {}).get("cascade"))
+    table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies, thresholds)
     supervised_s = time.perf_counter() - started
     comparison = {"supervised": {
         "seconds": round(supervised_s, 1),

@@ -564,6 +564,7 @@ def fit_text_router(
         model, inputs, probs, labels, subnets, out,
         router, TextRouter.family, config.to_dict(), train_config=RouterTrainConfig(epochs=60, lr=3e-3),
         progress=progress, calibration_rows=rows, calibration_note=note, ladder_gap=NEAR_FULL_POINTS,
+        thresholds={"cascade": CASCADE_BOUNDS},
     )
 
 
@@ -576,6 +577,11 @@ MIN_CALIBRATION_ROWS = 100
 # The must-show's "no more than 0.5 points below the full model": the cascade ladder's target.
 NEAR_FULL_POINTS = 0.005
 
+
+# The cascade's confidence bounds: two classes put every max softmax in [0.5, 1], where the
+# default 0.05 steps are too coarse to place an operating point; 0.01 steps, plus the tail.
+CASCADE_BOUNDS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 21), np.linspace(0.5, 0.99, 50),
+                                           1.0 - np.logspace(-6, -1, 21)]))
 
 # At most this many unused training rows join the calibration rows (evaluating every subnet and
 # exit on them costs about a minute per thousand sentences on one CPU thread).
