@@ -14,9 +14,9 @@ from dynaroute.gateway.dispatch import Dispatcher, ExpertPool, stack_rows
 FLOPS = {"a-p0": 10, "b-p0": 100, "c-p0": 300, "d-p0": 1000, "a-p1": 12, "b-p1": 900}
 
 
-def test_default_placement_groups_subnets_by_cost_on_few_fractional_actors():
+def test_default_placement_deals_subnets_by_cost_onto_few_fractional_actors():
     p = PlacementConfig.default(list(FLOPS.items()), num_actors=2, num_cpus=0.25)
-    assert [a.subnets for a in p.actors] == [("a-p0", "a-p1", "b-p0"), ("c-p0", "b-p1", "d-p0")]
+    assert [a.subnets for a in p.actors] == [("a-p0", "b-p0", "b-p1"), ("a-p1", "c-p0", "d-p0")]
     assert all(a.num_cpus == 0.25 and a.replicas == 1 for a in p.actors)
     p.check_subnets(list(FLOPS))
 
