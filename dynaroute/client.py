@@ -78,9 +78,10 @@ def _channel_args(
     return creds, metadata
 
 
-class Client:
-    """Blocking client over one channel. `ca` (and `cert`/`key` for mutual TLS) switch on TLS;
-    `token` is sent as `authorization: Bearer <token>` on every call."""
+class _ClientBase:
+    """One channel (`grpc` or `grpc.aio`, as the subclass says) with TLS and token options."""
+
+    _grpc: Any = grpc
 
     def __init__(
         self,
@@ -94,11 +95,16 @@ class Client:
     ) -> None:
         creds, self._metadata = _channel_args(ca, cert, key, token)
         if creds is not None:
-            self.channel = grpc.secure_channel(address, creds, options=_OPTIONS)
+            self.channel = self._grpc.secure_channel(address, creds, options=_OPTIONS)
         else:
-            self.channel = grpc.insecure_channel(address, options=_OPTIONS)
+            self.channel = self._grpc.insecure_channel(address, options=_OPTIONS)
         self.stub = pb_grpc.DynarouteStub(self.channel)
         self.timeout_s = timeout_s
+
+
+class Client(_ClientBase):
+    """Blocking client over one channel. `ca` (and `cert`/`key` for mutual TLS) switch on TLS;
+    `token` is sent as `authorization: Bearer <token>` on every call."""
 
     def infer(
         self, tensor: np.ndarray | None = None, *, timeout_s: float | None = None, **kwargs: Any
@@ -131,26 +137,10 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """asyncio client over one channel; many calls may be in flight at once."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        ca: str | None = None,
-        cert: str | None = None,
-        key: str | None = None,
-        token: str | None = None,
-        timeout_s: float | None = 10.0,
-    ) -> None:
-        creds, self._metadata = _channel_args(ca, cert, key, token)
-        if creds is not None:
-            self.channel = grpc.aio.secure_channel(address, creds, options=_OPTIONS)
-        else:
-            self.channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
-        self.stub = pb_grpc.DynarouteStub(self.channel)
-        self.timeout_s = timeout_s
+    _grpc = grpc.aio
 
     async def infer(
         self, tensor: np.ndarray | None = None, *, timeout_s: float | None = None, **kwargs: Any
