@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from dynaroute.errors import (
-    DeadlineError,
-    InvalidInputError,
-    ModelNotFoundError,
-    OverloadedError,
-    UnauthenticatedError,
-    UnavailableError,
-)
+from dynaroute.gateway.status import STATUS_CODES, status_label
 
 if TYPE_CHECKING:
     from dynaroute.gateway.aggregate import Outcome
@@ -71,23 +64,13 @@ QUEUE_DEPTH = Gauge("dynaroute_queue_depth", "Requests waiting in a batch queue"
 REPLICAS_LIVE = Gauge("dynaroute_expert_replicas_live", "Expert replicas able to take calls", ["model", "expert"])
 INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["model"])
 
-# Project exceptions -> the lower-case gRPC status name used as the `status` label (the same
-# mapping as the gateway's status codes; most specific first).
-_STATUS = (
-    (InvalidInputError, "invalid_argument"),
-    (ModelNotFoundError, "not_found"),
-    (OverloadedError, "resource_exhausted"),
-    (UnavailableError, "unavailable"),
-    (DeadlineError, "deadline_exceeded"),
-    (UnauthenticatedError, "unauthenticated"),
-)
 
 
 # The label values known in advance, whose children the engine creates at start (zero) so that
 # rate() and increase() see the first request, error or fallback rather than a series that
 # appears already at 1.
 APIS = ("native", "kserve")
-STATUSES = ("ok", *(name for _, name in _STATUS), "internal")
+STATUSES = ("ok", *(status_label(code) for _, code in STATUS_CODES), "internal")
 FALLBACK_REASONS = ("expert_unavailable", "expert_error")
 
 
@@ -97,9 +80,10 @@ def status_of(error: BaseException | None) -> str:
         return "ok"
     if isinstance(error, asyncio.CancelledError):  # the caller went away
         return "cancelled"
-    for cls, name in _STATUS:
+    # The gateway's one exception -> status code table, so the label always matches the reply.
+    for cls, code in STATUS_CODES:
         if isinstance(error, cls):
-            return name
+            return status_label(code)
     return "internal"
 
 

@@ -22,7 +22,7 @@ from dynaroute.errors import (
 log = logging.getLogger(__name__)
 
 # Most specific first: InvalidInputError is also a ValueError, DeadlineError a TimeoutError.
-_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -35,7 +35,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message for an exception. Anything unexpected is INTERNAL, its
     traceback logged here (the client gets the message, never the traceback)."""
-    for cls, code in _CODES:
+    for cls, code in STATUS_CODES:
         if isinstance(exc, cls):
             return code, str(exc)
     log.error("internal error while serving a request", exc_info=exc)
