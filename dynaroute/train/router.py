@@ -139,8 +139,9 @@ def train_router_supervised(
 def all_subnet_logits(model: DynamicModel, x: Any, names: list[str]) -> torch.Tensor:
     """[N, S, C] logits of every subnet, in `names` order; one pass per (width, path)."""
     specs = [SubnetSpec.parse(n) for n in names]
-    exits = {(w, p): model.forward_exits(x, w, p) for w, p in sorted({(s.width, s.path) for s in specs})}
-    return torch.stack([exits[(s.width, s.path)][s.depth - 1] for s in specs], dim=1)
+    # subnet_logits, not forward_exits: a DynaBERT subnet of depth d is not the prefix of a deeper one
+    by_depth = {(w, p): model.subnet_logits(x, w, p) for w, p in sorted({(s.width, s.path) for s in specs})}
+    return torch.stack([by_depth[(s.width, s.path)][s.depth] for s in specs], dim=1)
 
 
 def train_joint(
