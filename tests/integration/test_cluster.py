@@ -102,7 +102,13 @@ class RayNode:
                 pass
 
     def kill(self) -> None:
+        # Until none is left (bounded): a process can still be listed for a moment after SIGKILL,
+        # and the raylet may have forked a worker between listing and signalling.
+        deadline = time.monotonic() + 15
         self._signal_all(signal.SIGKILL)
+        while self._pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self._signal_all(signal.SIGKILL)
         self.proc.wait(30)
 
     def stop(self) -> None:
