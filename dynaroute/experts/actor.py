@@ -21,8 +21,8 @@ from dynaroute.experts.spec import SubnetSpec
 # One expert call's answer for one subnet: logits [N, C] float32, exit depth [N] int64
 # (1-based), FLOPs [N] int64 (what each row cost, from the bundle's measured exit FLOPs).
 ExpertOutput = tuple[np.ndarray, np.ndarray, np.ndarray]
-# One group of a batched call: (subnet name, inputs, per-row exit bounds or None).
-Group = tuple[str, Any, Any]
+# One group of a batched call: (subnet name, inputs, per-row exit bounds or None, first exit(s)).
+Group = tuple[str, Any, Any, Any]
 
 
 def _to_tensor(a: Any, device: torch.device) -> torch.Tensor:
@@ -59,11 +59,13 @@ class ExpertWorker:
         return _to_tensor(inputs, self.device)
 
     @torch.inference_mode()
-    def run(self, subnet: str, inputs: Any, exit_bound: float | np.ndarray | None = None) -> ExpertOutput:
+    def run(self, subnet: str, inputs: Any, exit_bound: float | np.ndarray | None = None,
+            first_exit: int | np.ndarray = 1) -> ExpertOutput:
         """Run a batch through `subnet`, each row leaving at its first exit whose max softmax is
         >= its bound (`exit_bound`: one float, a float per row, or None for no early exit; a row
-        with bound inf never leaves early). Rows that leave are dropped from the batch (compacted)
-        so the rest run on fewer rows."""
+        with bound inf never leaves early), from exit `first_exit` on (1-based; one int or one
+        per row; earlier exits are passed by). Rows that leave are dropped from the batch
+        (compacted) so the rest run on fewer rows."""
         module = self.modules.get(subnet)
         if module is None:
             raise KeyError(f"this expert holds {sorted(self.modules)}, not subnet {subnet!r}")
@@ -77,15 +79,19 @@ class ExpertWorker:
             finite = np.isfinite(b)
             if finite.any() and last > 0:
                 bounds = torch.from_numpy(b).to(self.device)
+                firsts_np = np.broadcast_to(np.asarray(first_exit, dtype=np.int64), (n,))
+                firsts = torch.from_numpy(np.array(firsts_np)).to(self.device)
         if bounds is None:  # no early exit: the plain forward, and the subnet's full FLOPs
             for i in range(module.num_stages):
                 state = module.stage(i, state)
             logits = module.exit_logits(last, state).float().cpu().numpy()
             return logits, np.full(n, last + 1, dtype=np.int64), np.full(n, self.flops[subnet], dtype=np.int64)
         if n == 1:  # one row (concurrency 1): the same rule with a Python comparison, no row bookkeeping
-            bound = float(b[0])
+            bound, first = float(b[0]), int(firsts_np[0])
             for i in range(module.num_stages):
                 state = module.stage(i, state)
+                if i < first - 1 and i < last:  # an exit passed by: its head is not even run
+                    continue
                 logits = module.exit_logits(i, state)
                 if i == last or torch.softmax(logits.float(), -1).amax().item() >= bound:
                     break
@@ -95,15 +101,18 @@ class ExpertWorker:
         out: torch.Tensor | None = None
         depth = torch.full((n,), last + 1, dtype=torch.int64, device=self.device)
         rows = torch.arange(n, device=self.device)  # original row index of each row still running
+        skip_until = int(firsts.min()) - 1  # exits no row may leave at: their heads are not run
         for i in range(module.num_stages):
             state = module.stage(i, state)
+            if i < skip_until and i < last:
+                continue
             logits = module.exit_logits(i, state)
             if out is None:
                 out = torch.empty((n, logits.shape[1]), dtype=logits.dtype, device=self.device)
             if i == last:
                 out[rows] = logits
                 break
-            leave = torch.softmax(logits.float(), -1).amax(-1) >= bounds
+            leave = (torch.softmax(logits.float(), -1).amax(-1) >= bounds) & (firsts <= i + 1)
             left = leave.nonzero().squeeze(1)
             if len(left):
                 out[rows[left]] = logits[left]
@@ -112,7 +121,7 @@ class ExpertWorker:
                 if not len(stay):
                     break
                 state = select_rows(state, stay)
-                rows, bounds = rows[stay], bounds[stay]
+                rows, bounds, firsts = rows[stay], bounds[stay], firsts[stay]
         depth_np = depth.cpu().numpy()
         flops = self.exit_flops[subnet][depth_np - 1]
         # Rows that asked for no early exit (bound inf) are charged the plain forward's FLOPs.
@@ -121,7 +130,7 @@ class ExpertWorker:
 
     def run_groups(self, groups: Sequence[Group]) -> list[ExpertOutput]:
         """Several subnets' batches in one call: one Ray round trip per batch of the actor."""
-        return [self.run(subnet, inputs, bound) for subnet, inputs, bound in groups]
+        return [self.run(subnet, inputs, bound, first) for subnet, inputs, bound, first in groups]
 
 
 # The Ray actor; resources (num_cpus, num_gpus, custom) are set per placement with .options().

@@ -43,8 +43,8 @@ class Outcome:
         return sum(s.flops for s in self.steps)
 
 
-# run(subnet, exit_bound) -> that subnet's answer for this input.
-RunSubnet = Callable[[str, float | None], Awaitable[SubnetAnswer]]
+# run(subnet, exit_bound, first_exit) -> that subnet's answer for this input.
+RunSubnet = Callable[[str, float | None, int], Awaitable[SubnetAnswer]]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -66,11 +66,12 @@ def combine(logits: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarra
     return np.sum([w * lg for lg, w in zip(logits, weights, strict=True)], axis=0, dtype=np.float32)
 
 
-async def _step(subnets: Sequence[str], weights: Sequence[float], bound: float | None, run: RunSubnet):
+async def _step(subnets: Sequence[str], weights: Sequence[float], bound: float | None, first_exit: int,
+                run: RunSubnet):
     if len(subnets) == 1:
-        a = await run(subnets[0], bound)
+        a = await run(subnets[0], bound, first_exit)
         return a.logits, (a,), a.queue_s, a.compute_s
-    answers = tuple(await asyncio.gather(*(run(s, bound) for s in subnets)))
+    answers = tuple(await asyncio.gather(*(run(s, bound, first_exit) for s in subnets)))
     # Branches run side by side: the request waited as long as the slowest of them.
     return (
         combine([a.logits for a in answers], weights),
@@ -81,17 +82,18 @@ async def _step(subnets: Sequence[str], weights: Sequence[float], bound: float |
 
 
 async def execute(route: Route, run: RunSubnet) -> Outcome:
-    """Run `route.subnets` (combined by `route.weights`) with early exit at the route's bound;
-    for a cascade, escalate through `route.escalation` while the confidence is below it."""
-    bound = route.confidence_bound
-    logits, answers, queue_s, compute_s = await _step(route.subnets, route.weights, bound, run)
+    """Run `route.subnets` (combined by `route.weights`) with early exit at the route's bound
+    (from exit `route.first_exit` on); for a cascade, escalate through `route.escalation` while
+    the confidence is below it."""
+    bound, first = route.confidence_bound, route.first_exit
+    logits, answers, queue_s, compute_s = await _step(route.subnets, route.weights, bound, first, run)
     steps = list(answers)
     escalations = 0
     if bound is not None:
         for nxt in route.escalation:
             if confidence(logits) >= bound:
                 break
-            logits, answers, q, c = await _step((nxt,), (1.0,), bound, run)
+            logits, answers, q, c = await _step((nxt,), (1.0,), bound, first, run)
             steps.extend(answers)
             queue_s, compute_s = queue_s + q, compute_s + c
             escalations += 1

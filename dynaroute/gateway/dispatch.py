@@ -36,8 +36,8 @@ class ExpertCallError(UnavailableError):
     """An expert raised while running a batch."""
 
 
-# One request's row for an expert: (subnet name, input row, exit bound or inf).
-ExpertItem = tuple[str, Any, float]
+# One request's row for an expert: (subnet name, input row, exit bound or inf, first exit).
+ExpertItem = tuple[str, Any, float, int]
 # One request's answer from an expert: (logits [C], exit depth, FLOPs).
 ExpertRowResult = tuple[np.ndarray, int, int]
 
@@ -124,13 +124,17 @@ class ExpertPool:
     async def run_items(self, items: list[ExpertItem]) -> list[ExpertRowResult]:
         """The batcher's call: group rows by subnet, one actor call, split the answers back."""
         by_subnet: dict[str, list[int]] = {}
-        for i, (subnet, _, _) in enumerate(items):
+        for i, (subnet, *_) in enumerate(items):
             by_subnet.setdefault(subnet, []).append(i)
         groups = []
         for subnet, idx in by_subnet.items():
             rows = stack_rows([items[i][1] for i in idx])
             bounds = np.fromiter((items[i][2] for i in idx), dtype=np.float32, count=len(idx))
-            groups.append((subnet, rows, None if np.isinf(bounds).all() else bounds))
+            if np.isinf(bounds).all():
+                groups.append((subnet, rows, None, 1))
+            else:
+                groups.append((subnet, rows, bounds, np.fromiter((items[i][3] for i in idx), dtype=np.int64,
+                                                                 count=len(idx))))
         outputs = await self.call(groups)
         results: list[ExpertRowResult | None] = [None] * len(items)
         for idx, (logits, depth, flops) in zip(by_subnet.values(), outputs, strict=True):

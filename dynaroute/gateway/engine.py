@@ -262,8 +262,8 @@ class RayEngine:
             b = await self._router_batcher.submit((x, pinned or budget))
             (route, row, router_ran), queue_s, compute_s = b.value, b.queue_s, b.call_s
 
-        async def run(subnet: str, bound: float | None) -> SubnetAnswer:
-            return await self._run_subnet(subnet, row, bound)
+        async def run(subnet: str, bound: float | None, first_exit: int) -> SubnetAnswer:
+            return await self._run_subnet(subnet, row, bound, first_exit)
 
         outcome = await execute(route, run)
         router_flops = int(self.router.flops) if router_ran else 0
@@ -368,7 +368,7 @@ class RayEngine:
 
     # ---- one subnet on the experts, with fallback ---------------------------------------------
 
-    async def _run_subnet(self, subnet: str, row: Any, bound: float | None) -> SubnetAnswer:
+    async def _run_subnet(self, subnet: str, row: Any, bound: float | None, first_exit: int = 1) -> SubnetAnswer:
         exclude: set[str] = set()
         reason = "expert_unavailable"
         b = math.inf if bound is None else float(bound)
@@ -380,7 +380,7 @@ class RayEngine:
                 )
             pool = self.dispatcher.pool_of[use]
             try:
-                r = await self._batchers[pool.name].submit((use, row, b))
+                r = await self._batchers[pool.name].submit((use, row, b, first_exit))
             except ExpertUnavailableError:
                 exclude.add(pool.name)
                 continue

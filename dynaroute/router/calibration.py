@@ -22,7 +22,7 @@ import numpy as np
 
 from dynaroute.errors import InvalidInputError
 from dynaroute.router.budget import Budget
-from dynaroute.router.policy import Policy, make_policy
+from dynaroute.router.policy import Policy, Route, make_policy
 from dynaroute.router.replay import SubnetOutputs
 
 AUTO = "auto"  # the merged table, used when a budget names no policy
@@ -50,13 +50,17 @@ def route_all(policy: Policy, correct_prob: np.ndarray, gate: np.ndarray, thresh
 
 
 def evaluate_routes(routes: list, outputs: SubnetOutputs, labels: np.ndarray) -> tuple[float, float]:
-    """(accuracy, mean expert FLOPs) of one route per example."""
+    """(accuracy, mean expert FLOPs) of one route per example; examples that share a route
+    (most do: a policy has few distinct decisions) are replayed together."""
+    by_route: dict[Route, list[int]] = {}
+    for i, route in enumerate(routes):
+        by_route.setdefault(route, []).append(i)
     correct = 0
     flops = 0
-    for i, route in enumerate(routes):
-        r = outputs.replay(route, i)
-        correct += int(np.argmax(r.probs) == labels[i])
-        flops += r.flops
+    for route, rows in by_route.items():
+        r = outputs.replay_rows(route, np.asarray(rows))
+        correct += int((r.probs.argmax(-1) == labels[rows]).sum())
+        flops += int(r.flops.sum())
     return correct / len(routes), flops / len(routes)
 
 
@@ -196,7 +200,7 @@ def measure(
     return {"accuracy": acc, "mean_flops": mean, "flops_ratio": mean / full_flops}
 
 
-def choose_cascade_ladder(
+def choose_cascade(
     correct_prob: np.ndarray,
     gate: np.ndarray,
     outputs: SubnetOutputs,
@@ -208,21 +212,28 @@ def choose_cascade_ladder(
     options: dict[str, Any] | None = None,
     max_rungs: int = 3,
     thresholds: np.ndarray | None = None,
-) -> list[str]:
-    """The cascade ladder, chosen on the calibration split: among the sub-ladders of `frontier`
-    (the validation Pareto frontier of static subnets, cheapest first) with 2..max_rungs rungs,
-    the one whose calibrated cascade reaches `target_accuracy` at the least mean FLOPs. Every
-    rung is paid in full when escalated past, so the whole frontier as a ladder overspends;
-    when no sub-ladder reaches the target, the whole frontier."""
+) -> dict[str, Any]:
+    """The cascade's ladder and first exit, chosen on the calibration split: among the
+    sub-ladders of `frontier` (the validation Pareto frontier of static subnets, cheapest first)
+    with 2..max_rungs rungs, and each first exit up to the ladder's shallowest rung's depth, the
+    pair whose calibrated cascade reaches `target_accuracy` at the least mean FLOPs; returned
+    as cascade options ({"ladder": [...], "first_exit": k}).
+
+    Every rung is paid in full when escalated past, so the whole frontier as a ladder
+    overspends; and a shallow exit that is confidently wrong on long inputs forces the bound
+    up for every row, so passing it by can be cheaper. When nothing reaches the target: the
+    whole frontier, every exit."""
     from itertools import combinations
 
-    best: tuple[float, list[str]] | None = None
+    best: tuple[float, dict[str, Any]] | None = None
     for k in range(2, min(max_rungs, len(frontier)) + 1):
         for ladder in combinations(frontier, k):
-            opts = {**(options or {}), "ladder": list(ladder)}
-            table = calibrate(correct_prob, gate, outputs, labels, router_flops, full_flops, {"cascade": opts},
-                              None if thresholds is None else {"cascade": thresholds})
-            res = table.solve(Budget(target_accuracy=target_accuracy))
-            if res.reachable and (best is None or res.point.mean_flops < best[0]):
-                best = (res.point.mean_flops, list(ladder))
-    return best[1] if best else list(frontier)
+            depth = min(len(outputs.exits[outputs.index[n]]) for n in ladder)
+            for first_exit in range(1, depth + 1):
+                opts = {**(options or {}), "ladder": list(ladder), "first_exit": first_exit}
+                table = calibrate(correct_prob, gate, outputs, labels, router_flops, full_flops, {"cascade": opts},
+                                  None if thresholds is None else {"cascade": thresholds})
+                res = table.solve(Budget(target_accuracy=target_accuracy))
+                if res.reachable and (best is None or res.point.mean_flops < best[0]):
+                    best = (res.point.mean_flops, {"ladder": list(ladder), "first_exit": first_exit})
+    return best[1] if best else {"ladder": list(frontier), "first_exit": 1}

@@ -38,6 +38,8 @@ class CascadePolicy(Policy):
     below it.
     option start_threshold (default 0.5): start at the cheapest rung whose predicted
     correctness reaches it, so inputs the router expects the small subnets to fail skip them.
+    option first_exit (default 1): the shallowest exit a row may leave a rung at (see `Route`);
+    calibration chooses it with the ladder (`choose_cascade`).
     The path is the one the gate weighs most.
     """
 
@@ -46,6 +48,9 @@ class CascadePolicy(Policy):
     def __init__(self, subnet_names: list[str], subnet_flops: list[int], **options: Any):
         super().__init__(subnet_names, subnet_flops, **options)
         self.start_threshold = float(options.get("start_threshold", 0.5))
+        self.first_exit = int(options.get("first_exit", 1))
+        if self.first_exit < 1:
+            raise ValueError(f"cascade option first_exit must be >= 1, got {self.first_exit}")
         specs = [SubnetSpec.parse(n) for n in subnet_names]
         self.ladders: dict[int, list[int]] = {}
         given = options.get("ladder")
@@ -70,4 +75,4 @@ class CascadePolicy(Policy):
         start = ok[0] if ok else len(ladder) - 1
         names = [self.subnet_names[i] for i in ladder[start:]]
         return Route((names[0],), (1.0,), escalation=tuple(names[1:]), confidence_bound=float(threshold),
-                     policy=self.name)
+                     policy=self.name, first_exit=self.first_exit)

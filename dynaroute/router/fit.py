@@ -25,7 +25,7 @@ from dynaroute.data import Splits
 from dynaroute.experts.base import DynamicModel
 from dynaroute.experts.flops import count_flops
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import CalibrationTable, calibrate, choose_cascade_ladder, measure
+from dynaroute.router.calibration import CalibrationTable, calibrate, choose_cascade, measure
 from dynaroute.router.cascade import pareto_ladder
 from dynaroute.router.model import MLPRouter, MLPRouterConfig, Router
 from dynaroute.router.policy import make_policy
@@ -104,9 +104,9 @@ def fit_router(
     a subnet's softmax output; `subnets` are the manifest rows (name, flops, exit_flops, ...).
     calibration_rows: indices of the "val" rows to calibrate on (all when None), e.g. the rows
     that look like the inputs served (described by `calibration_note` in the manifest).
-    ladder_gap: when set, the cascade's ladder is chosen on those rows from the validation
-    Pareto frontier of static subnets (`choose_cascade_ladder`), to reach the full model's
-    calibration accuracy minus this gap most cheaply.
+    ladder_gap: when set, the cascade's ladder and first exit are chosen on those rows, the
+    ladder from the validation Pareto frontier of static subnets (`choose_cascade`), to reach
+    the full model's calibration accuracy minus this gap most cheaply.
     thresholds: policy name -> the thresholds to sweep (default: `default_thresholds`).
     """
     train_config = train_config or RouterTrainConfig()
@@ -131,9 +131,9 @@ def fit_router(
     if ladder_gap is not None and "cascade" in policies:
         val_acc = [float((probs["val"][n].argmax(-1) == labels["val"]).mean()) for n in names]
         frontier = pareto_ladder(names, [int(r["flops"]) for r in subnets], val_acc)
-        policies["cascade"]["ladder"] = choose_cascade_ladder(
+        policies["cascade"].update(choose_cascade(
             *val_scores, val_out, cal_labels, router_flops, full_flops, frontier, full_val - ladder_gap,
-            policies["cascade"], thresholds=(thresholds or {}).get("cascade"))
+            policies["cascade"], thresholds=(thresholds or {}).get("cascade")))
     table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies, thresholds)
     supervised_s = time.perf_counter() - started
     comparison = {"supervised": {

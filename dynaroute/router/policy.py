@@ -22,13 +22,16 @@ class Route:
     escalation: cascade only, the larger subnets to try next, in order, while the answer's
     confidence (max softmax) is below `confidence_bound`;
     confidence_bound: the cascade's bound, also the early-exit bound inside experts
-    (None: no early exit, run the subnet to its last block)."""
+    (None: no early exit, run the subnet to its last block);
+    first_exit: the shallowest exit (1-based) a row may leave an expert at; the exits before it
+    are passed by (a shallow exit can be confidently wrong on long inputs)."""
 
     subnets: tuple[str, ...]
     weights: tuple[float, ...]
     escalation: tuple[str, ...] = ()
     confidence_bound: float | None = None
     policy: str = ""
+    first_exit: int = 1
 
 
 class Policy(ABC):

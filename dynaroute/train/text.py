@@ -65,7 +65,7 @@ class SST2TrainConfig:
     lr_depth: float = 5e-5
     warmup_fraction: float = 0.1
     widths_per_step: int = 3  # width stage: largest, smallest, and random others
-    depth_widths_per_step: int = 2  # depth stage: widths per step, each at every depth
+    depth_widths_per_step: int = 3  # depth stage: widths per step (largest, smallest, random), each at every depth
     distill_weight: float = 0.5  # weight of the KD term against the label term, per exit
     hidden_weight: float = 1.0  # weight of the hidden-state MSE
     importance_batches: int = 8
@@ -447,9 +447,11 @@ def train_sst2(
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
         def depth_loss(x, y, rng):
-            first = widths[-1] if rng.random() < 0.5 else rng.choice(widths)
-            chosen = [first, widths[0], *rng.sample(widths, max(0, cfg.depth_widths_per_step - 2))]
-            chosen = chosen[: cfg.depth_widths_per_step]
+            # the sandwich rule, as in the width stage: the largest and smallest width every step,
+            # and random middle ones, so the middle widths (the cascade's first rungs) get trained
+            others = widths[1:-1]
+            k = min(len(others), max(0, cfg.depth_widths_per_step - 2))
+            chosen = ([widths[-1], widths[0]] + rng.sample(others, k))[: cfg.depth_widths_per_step]
             loss = torch.zeros(())
             for w in chosen:
                 with torch.no_grad():

@@ -4,7 +4,9 @@ load, deadlines, overload and draining. Expected outputs are the same subnets ru
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -105,6 +107,29 @@ async def test_early_exits_leave_at_confident_exits_and_are_counted(engine: RayE
         if r.route.escalations == 0:
             info = engine.bundle.subnet_info(r.route.subnets[0])
             assert r.cost.expert_flops == info["exit_flops"][r.route.exit_depths[0] - 1]
+
+
+async def test_a_cascade_first_exit_passes_shallower_exits_by(local_ray, digits_bundle_dir: Path, tmp_path: Path):
+    # the same bundle, its cascade calibrated to leave experts no earlier than exit 2
+    root = tmp_path / "first_exit"
+    shutil.copytree(digits_bundle_dir, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["calibration"]["options"]["cascade"]["first_exit"] = 2
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    eng = await RayEngine.start(root, EngineConfig())
+    try:
+        results = await asyncio.gather(*(eng.infer(req(eng, i, Budget(policy="cascade", quality=0.0)))
+                                          for i in range(64)))
+    finally:
+        await eng.close()
+    assert all(r.route.exit_depths[0] >= 2 for r in results)
+    for i, r in enumerate(results):
+        if r.route.escalations == 0:
+            spec = SubnetSpec.parse(r.route.subnets[0])
+            info = eng.bundle.subnet_info(spec.name)
+            assert r.cost.expert_flops == info["exit_flops"][r.route.exit_depths[0] - 1]
+            answered_by = SubnetSpec(spec.width, r.route.exit_depths[0], spec.path).name
+            np.testing.assert_allclose(r.logits, in_process(eng.bundle, answered_by, X[i])[0], atol=1e-4)
 
 
 async def test_bad_requests_are_refused_with_the_right_error(engine: RayEngine):

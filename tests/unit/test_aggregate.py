@@ -21,10 +21,10 @@ FLOPS = {"small": 10, "mid": 100, "big": 1000, "p0": 50, "p1": 60}
 
 class Experts:
     def __init__(self):
-        self.calls: list[tuple[str, float | None]] = []
+        self.calls: list[tuple[str, float | None, int]] = []
 
-    async def __call__(self, subnet: str, bound: float | None) -> SubnetAnswer:
-        self.calls.append((subnet, bound))
+    async def __call__(self, subnet: str, bound: float | None, first_exit: int) -> SubnetAnswer:
+        self.calls.append((subnet, bound, first_exit))
         return SubnetAnswer(subnet, LOGITS[subnet], depth=2, flops=FLOPS[subnet], queue_s=0.001, compute_s=0.002)
 
 
@@ -32,7 +32,7 @@ async def test_single_subnet_passes_through():
     run = Experts()
     out = await execute(Route(("mid",), (1.0,)), run)
     np.testing.assert_array_equal(out.logits, LOGITS["mid"])
-    assert out.flops == 100 and out.escalations == 0 and run.calls == [("mid", None)]
+    assert out.flops == 100 and out.escalations == 0 and run.calls == [("mid", None, 1)]
     assert [a.subnet for a in out.answers] == ["mid"]
 
 
@@ -47,9 +47,11 @@ async def test_topk_is_the_weighted_sum_of_branch_logits():
 async def test_cascade_escalates_until_confident_and_counts_each_step():
     run = Experts()
     bound = 0.9  # small (~0.37) and mid (~0.91) straddle it
-    out = await execute(Route(("small",), (1.0,), escalation=("mid", "big"), confidence_bound=bound), run)
+    out = await execute(Route(("small",), (1.0,), escalation=("mid", "big"), confidence_bound=bound, first_exit=3),
+                        run)
     assert [c[0] for c in run.calls] == ["small", "mid"]  # mid is confident: big never runs
-    assert all(c[1] == bound for c in run.calls)  # the bound is also the early-exit bound
+    # the bound is also the early-exit bound, from the route's first exit on, at every rung
+    assert all(c[1:] == (bound, 3) for c in run.calls)
     assert out.escalations == 1 and out.flops == 110
     np.testing.assert_array_equal(out.logits, LOGITS["mid"])
     assert [a.subnet for a in out.answers] == ["mid"] and [s.subnet for s in out.steps] == ["small", "mid"]

@@ -10,7 +10,7 @@ import pytest
 
 from dynaroute.errors import InvalidInputError
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import AUTO, CalibrationTable, OperatingPoint, calibrate, choose_cascade_ladder
+from dynaroute.router.calibration import AUTO, CalibrationTable, OperatingPoint, calibrate, choose_cascade
 from dynaroute.router.policy import Route
 from dynaroute.router.replay import SubnetOutputs
 
@@ -39,6 +39,25 @@ def test_replay_early_exit_and_escalation_pay_the_measured_exit_flops() -> None:
     assert hard.probs[0] == pytest.approx(0.95)
     full = out.replay(Route(("w1-d2-p0",), (1.0,)), 1)  # no bound: no early exit, no exit heads on the way
     assert (full.flops, full.exit_depths) == (100, (2,))
+    # from exit 2 on, the easy input passes its confident first exit by and pays all of w0.5-d2
+    passed = out.replay(Route(("w0.5-d2-p0",), (1.0,), escalation=("w1-d2-p0",), confidence_bound=0.9,
+                              first_exit=2), 0)
+    assert (passed.flops, passed.escalations, passed.exit_depths) == (34 + 104, 1, (2,))
+
+
+def test_replaying_many_rows_at_once_matches_one_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    out = SubnetOutputs({n: (lambda p: np.stack([p, 1 - p], 1))(rng.uniform(0, 1, 50)) for n in
+                         ("w0.5-d1-p0", "w0.5-d2-p0", "w1-d1-p0", "w1-d2-p0")}, ROWS)
+    rows = np.arange(50)
+    routes = [Route(("w0.5-d2-p0",), (1.0,), escalation=("w1-d1-p0", "w1-d2-p0"), confidence_bound=0.8, first_exit=f)
+              for f in (1, 2)] + [Route(("w0.5-d1-p0", "w1-d2-p0"), (0.3, 0.7)), Route(("w1-d2-p0",), (1.0,))]
+    for route in routes:
+        many = out.replay_rows(route, rows)
+        for i in rows:
+            one = out.replay(route, int(i))
+            np.testing.assert_allclose(many.probs[i], one.probs)
+            assert (many.flops[i], many.escalations[i]) == (one.flops, one.escalations)
 
 
 def test_replay_mixes_branches_like_logits() -> None:
@@ -156,7 +175,24 @@ def test_cascade_ladder_is_the_cheapest_sub_ladder_reaching_the_target() -> None
     scores = np.full((10, 4), 0.9), np.ones((10, 1))
     frontier = ["w0.5-d1-p0", "w0.5-d2-p0", "w1-d1-p0", "w1-d2-p0"]
     # escalating through w0.5-d2 or on to w1-d2 would pay for rungs that do not help
-    assert choose_cascade_ladder(*scores, out, labels, 1, 100, frontier, 1.0) == ["w0.5-d1-p0", "w1-d1-p0"]
-    # a target no sub-ladder reaches: the whole frontier
+    assert choose_cascade(*scores, out, labels, 1, 100, frontier, 1.0) == {"ladder": ["w0.5-d1-p0", "w1-d1-p0"],
+                                                                        "first_exit": 1}
+    # a target no sub-ladder reaches: the whole frontier, every exit
     wrong = outputs_of({n: [0.3] * 10 for n in frontier})
-    assert choose_cascade_ladder(*scores, wrong, labels, 1, 100, frontier, 0.5) == frontier
+    assert choose_cascade(*scores, wrong, labels, 1, 100, frontier, 0.5) == {"ladder": frontier, "first_exit": 1}
+
+
+def test_cascade_passes_by_a_first_exit_that_is_confidently_wrong() -> None:
+    # w0.5-d2's first exit (w0.5-d1) says class 0 at 0.95 for every input, wrongly for the 2 hard
+    # ones; its last exit is right on all (the hard ones at 0.9). A bound above 0.95 would send every
+    # input on to exit 2 and the hard ones up the ladder: from exit 2 on, w0.5-d2 alone is right.
+    labels = np.array([0] * 8 + [1] * 2)
+    out = outputs_of({"w0.5-d1-p0": [0.95] * 10, "w0.5-d2-p0": [0.99] * 8 + [0.1] * 2,
+                      "w1-d1-p0": [0.99] * 8 + [0.5] * 2, "w1-d2-p0": [0.99] * 8 + [0.01] * 2})
+    scores = np.full((10, 4), 0.9), np.ones((10, 1))
+    frontier = ["w0.5-d1-p0", "w0.5-d2-p0", "w1-d2-p0"]
+    chosen = choose_cascade(*scores, out, labels, 1, 100, frontier, 1.0)
+    assert chosen == {"ladder": ["w0.5-d2-p0", "w1-d2-p0"], "first_exit": 2}
+    table = calibrate(*scores, out, labels, 1, 100, {"cascade": chosen})
+    point = table.solve(Budget(target_accuracy=1.0)).point
+    assert point.accuracy == 1.0 and point.mean_flops == 34 + 1  # all of w0.5-d2, nothing more

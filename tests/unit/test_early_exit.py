@@ -122,9 +122,25 @@ def test_no_bound_runs_to_the_last_block_and_per_row_bounds(worker: ExpertWorker
     np.testing.assert_array_equal(flops, [info["exit_flops"][0], info["flops"]] * 4)
 
 
+def test_exits_before_first_exit_are_passed_by(worker: ExpertWorker, tiny_bundle: Path):
+    x = _inputs(8)
+    info = Bundle.load(tiny_bundle).subnet_info(DEEP)
+    # bound 0: every row would leave at exit 1; from exit 2 on they leave at 2, in a batch and alone
+    _, depth, flops = worker.run(DEEP, x, 0.0, first_exit=2)
+    np.testing.assert_array_equal(depth, 2)
+    np.testing.assert_array_equal(flops, info["exit_flops"][1])
+    assert list(worker.run(DEEP, x[:1], 0.0, first_exit=2)[1]) == [2]
+    # per row: first exits 1, 2, 3 (and one past the last: it still answers at the last exit)
+    _, depth, _ = worker.run(DEEP, x[:4], 0.0, first_exit=np.array([1, 2, 3, 9]))
+    np.testing.assert_array_equal(depth, [1, 2, 3, 3])
+    # a row that leaves at its first allowed exit answers what the subnet of that depth answers there
+    logits, _, _ = worker.run(DEEP, x, 0.0, first_exit=3)
+    np.testing.assert_allclose(logits, worker.run(DEEP, x, None)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_run_groups_answers_each_subnet_and_refuses_one_it_does_not_hold(worker: ExpertWorker):
     x = _inputs(4)
-    out = worker.run_groups([("w0.5-d1-p0", x[:2], None), ("w0.5-d2-p0", x[2:], np.full(2, np.inf))])
+    out = worker.run_groups([("w0.5-d1-p0", x[:2], None, 1), ("w0.5-d2-p0", x[2:], np.full(2, np.inf), 1)])
     assert [o[0].shape for o in out] == [(2, 10), (2, 10)]
     assert list(out[1][1]) == [2, 2]
     with pytest.raises(KeyError, match="w1-d3-p0"):

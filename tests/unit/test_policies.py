@@ -74,6 +74,14 @@ def test_cascade_climbs_a_given_ladder_and_refuses_unknown_rungs() -> None:
         make_policy("cascade", NAMES, FLOPS, ladder=["w9-d9-p0"])
 
 
+def test_cascade_carries_its_first_exit_into_every_route() -> None:
+    policy = make_policy("cascade", NAMES, FLOPS, first_exit=2)
+    assert policy.route(np.array([0.9, 0.9, 0.9, 0.9]), ONE_GATE, 0.9).first_exit == 2
+    assert make_policy("cascade", NAMES, FLOPS).route(np.ones(4), ONE_GATE, 0.9).first_exit == 1
+    with pytest.raises(ValueError, match="first_exit"):
+        make_policy("cascade", NAMES, FLOPS, first_exit=0)
+
+
 PATH_NAMES = ["w1-d1-p0", "w1-d2-p0", "w1-d1-p1", "w1-d2-p1", "w1-d1-p2", "w1-d2-p2"]
 PATH_FLOPS = [10, 40, 10, 40, 10, 40]
 
