@@ -15,7 +15,7 @@ budget without a policy gets whichever policy is best there. A budget is solved 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -200,40 +200,89 @@ def measure(
     return {"accuracy": acc, "mean_flops": mean, "flops_ratio": mean / full_flops}
 
 
+def cascade_outcomes(
+    policy: Policy,
+    correct_prob: np.ndarray,
+    gate: np.ndarray,
+    outputs: SubnetOutputs,
+    labels: np.ndarray,
+    thresholds: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold and example: (answered correctly [T, N] bool, expert FLOPs [T, N]) of a
+    cascade. Its route depends on the threshold only through the bound, so the rows are grouped
+    by route once and each group replayed at every bound."""
+    groups: dict[Route, list[int]] = {}
+    for i in range(len(labels)):
+        groups.setdefault(policy.route(correct_prob[i], gate[i], 0.0), []).append(i)
+    correct = np.zeros((len(thresholds), len(labels)), dtype=bool)
+    flops = np.zeros((len(thresholds), len(labels)), dtype=np.float64)
+    for t, bound in enumerate(thresholds):
+        for route, rows in groups.items():
+            r = outputs.replay_rows(replace(route, confidence_bound=float(bound)), np.asarray(rows))
+            correct[t, rows] = r.probs.argmax(-1) == labels[rows]
+            flops[t, rows] = r.flops
+    return correct, flops
+
+
+def expected_cost(correct: np.ndarray, flops: np.ndarray, reference: np.ndarray, gap: float, fallback: float,
+                  resamples: np.ndarray) -> float:
+    """The mean FLOPs at which a policy reaches `reference`'s accuracy less `gap`, expected over
+    bootstrap resamples of the calibration rows (resamples [B, N]: how often each row is drawn).
+
+    correct / flops [T, N] are per threshold and row; reference [N] says whether the reference
+    subnet (the full model) is right. In each resample the cheapest threshold reaching that
+    resample's target counts; a resample no threshold reaches costs `fallback` (the full model,
+    which meets its own target). A policy whose curve only just touches the target on the rows
+    at hand is charged for the resamples where it misses: the choice is robust to which rows
+    happened to be held out, not tuned to them."""
+    n = correct.shape[1]
+    accuracy = correct.astype(np.float64) @ resamples.T / n  # [T, B]
+    mean_flops = flops @ resamples.T / n
+    target = resamples @ reference.astype(np.float64) / n - gap  # [B]
+    cost = np.where(accuracy >= target - 1e-12, mean_flops, np.inf).min(axis=0)
+    return float(np.where(np.isfinite(cost), cost, fallback).mean())
+
+
 def choose_cascade(
     correct_prob: np.ndarray,
     gate: np.ndarray,
     outputs: SubnetOutputs,
     labels: np.ndarray,
-    router_flops: int,
-    full_flops: int,
     frontier: list[str],
-    target_accuracy: float,
+    reference: str,
+    gap: float,
+    thresholds: np.ndarray,
     options: dict[str, Any] | None = None,
     max_rungs: int = 3,
-    thresholds: np.ndarray | None = None,
+    resamples: int = 200,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The cascade's ladder and first exit, chosen on the calibration split: among the
     sub-ladders of `frontier` (the validation Pareto frontier of static subnets, cheapest first)
     with 2..max_rungs rungs, and each first exit up to the ladder's shallowest rung's depth, the
-    pair whose calibrated cascade reaches `target_accuracy` at the least mean FLOPs; returned
-    as cascade options ({"ladder": [...], "first_exit": k}).
+    pair with the least `expected_cost` of reaching subnet `reference`'s accuracy less `gap`;
+    returned as cascade options ({"ladder": [...], "first_exit": k}).
 
     Every rung is paid in full when escalated past, so the whole frontier as a ladder
-    overspends; and a shallow exit that is confidently wrong on long inputs forces the bound
-    up for every row, so passing it by can be cheaper. When nothing reaches the target: the
+    overspends; and a shallow exit that is confidently wrong on long inputs forces the bound up
+    for every row, so passing it by can be cheaper. When nothing ever reaches the target: the
     whole frontier, every exit."""
     from itertools import combinations
 
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+    ref = outputs.probs[outputs.index[reference]].argmax(-1) == labels
+    fallback = float(outputs.flops[outputs.index[reference]])
     best: tuple[float, dict[str, Any]] | None = None
     for k in range(2, min(max_rungs, len(frontier)) + 1):
         for ladder in combinations(frontier, k):
-            depth = min(len(outputs.exits[outputs.index[n]]) for n in ladder)
+            depth = min(len(outputs.exits[outputs.index[name]]) for name in ladder)
             for first_exit in range(1, depth + 1):
                 opts = {**(options or {}), "ladder": list(ladder), "first_exit": first_exit}
-                table = calibrate(correct_prob, gate, outputs, labels, router_flops, full_flops, {"cascade": opts},
-                                  None if thresholds is None else {"cascade": thresholds})
-                res = table.solve(Budget(target_accuracy=target_accuracy))
-                if res.reachable and (best is None or res.point.mean_flops < best[0]):
-                    best = (res.point.mean_flops, {"ladder": list(ladder), "first_exit": first_exit})
+                policy = make_policy("cascade", outputs.names, outputs.flops, **opts)
+                correct, flops = cascade_outcomes(policy, correct_prob, gate, outputs, labels, thresholds)
+                cost = expected_cost(correct, flops, ref, gap, fallback, draws)
+                if cost < fallback and (best is None or cost < best[0]):
+                    best = (cost, {"ladder": list(ladder), "first_exit": first_exit})
     return best[1] if best else {"ladder": list(frontier), "first_exit": 1}

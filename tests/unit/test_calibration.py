@@ -10,7 +10,15 @@ import pytest
 
 from dynaroute.errors import InvalidInputError
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import AUTO, CalibrationTable, OperatingPoint, calibrate, choose_cascade
+from dynaroute.router.calibration import (
+    AUTO,
+    CalibrationTable,
+    OperatingPoint,
+    calibrate,
+    choose_cascade,
+    default_thresholds,
+    expected_cost,
+)
 from dynaroute.router.policy import Route
 from dynaroute.router.replay import SubnetOutputs
 
@@ -167,6 +175,9 @@ def test_the_table_survives_the_manifest_round_trip(table: CalibrationTable) -> 
         assert again.solve(Budget(quality=q)) == table.solve(Budget(quality=q))
 
 
+CASCADE_BOUNDS = default_thresholds("cascade", np.zeros((1, 1)))
+
+
 def test_cascade_ladder_is_the_cheapest_sub_ladder_reaching_the_target() -> None:
     # 8 easy inputs w0.5-d1 answers confidently; 2 hard ones it and w0.5-d2 get wrong, w1-d1 right
     out = outputs_of({"w0.5-d1-p0": [0.99] * 8 + [0.4] * 2, "w0.5-d2-p0": [0.99] * 8 + [0.45] * 2,
@@ -175,11 +186,12 @@ def test_cascade_ladder_is_the_cheapest_sub_ladder_reaching_the_target() -> None
     scores = np.full((10, 4), 0.9), np.ones((10, 1))
     frontier = ["w0.5-d1-p0", "w0.5-d2-p0", "w1-d1-p0", "w1-d2-p0"]
     # escalating through w0.5-d2 or on to w1-d2 would pay for rungs that do not help
-    assert choose_cascade(*scores, out, labels, 1, 100, frontier, 1.0) == {"ladder": ["w0.5-d1-p0", "w1-d1-p0"],
-                                                                        "first_exit": 1}
-    # a target no sub-ladder reaches: the whole frontier, every exit
-    wrong = outputs_of({n: [0.3] * 10 for n in frontier})
-    assert choose_cascade(*scores, wrong, labels, 1, 100, frontier, 0.5) == {"ladder": frontier, "first_exit": 1}
+    chosen = choose_cascade(*scores, out, labels, frontier, "w1-d2-p0", 0.0, CASCADE_BOUNDS)
+    assert chosen == {"ladder": ["w0.5-d1-p0", "w1-d1-p0"], "first_exit": 1}
+    # no cascade reaches the full model's accuracy for less than the full model: the whole frontier
+    wrong = outputs_of({n: [0.3] * 10 for n in frontier[:-1]} | {"w1-d2-p0": [0.99] * 10})
+    assert choose_cascade(*scores, wrong, labels, frontier, "w1-d2-p0", 0.0, CASCADE_BOUNDS) == {
+        "ladder": frontier, "first_exit": 1}
 
 
 def test_cascade_passes_by_a_first_exit_that_is_confidently_wrong() -> None:
@@ -191,8 +203,24 @@ def test_cascade_passes_by_a_first_exit_that_is_confidently_wrong() -> None:
                       "w1-d1-p0": [0.99] * 8 + [0.5] * 2, "w1-d2-p0": [0.99] * 8 + [0.01] * 2})
     scores = np.full((10, 4), 0.9), np.ones((10, 1))
     frontier = ["w0.5-d1-p0", "w0.5-d2-p0", "w1-d2-p0"]
-    chosen = choose_cascade(*scores, out, labels, 1, 100, frontier, 1.0)
+    chosen = choose_cascade(*scores, out, labels, frontier, "w1-d2-p0", 0.0, CASCADE_BOUNDS)
     assert chosen == {"ladder": ["w0.5-d2-p0", "w1-d2-p0"], "first_exit": 2}
     table = calibrate(*scores, out, labels, 1, 100, {"cascade": chosen})
     point = table.solve(Budget(target_accuracy=1.0)).point
     assert point.accuracy == 1.0 and point.mean_flops == 34 + 1  # all of w0.5-d2, nothing more
+
+
+def test_expected_cost_prefers_a_margin_over_a_curve_that_only_touches_the_target() -> None:
+    # the reference is right on rows 0..89. "touch" is right on 90 rows too, but not the same ones,
+    # at 30 FLOPs; "margin" is right on rows 0..91 at 40. On these rows touch is cheaper; over
+    # resamples of them it misses the target about half the time and then costs the fallback.
+    n = 100
+    reference = np.arange(n) < 90
+    touch = np.arange(n) >= 10
+    margin = np.arange(n) < 92
+    draws = np.stack([np.bincount(np.random.default_rng(s).integers(0, n, n), minlength=n) for s in range(200)])
+    cost = {name: expected_cost(c[None, :], np.full((1, n), f, dtype=np.float64), reference, 0.0, 100.0,
+                                draws.astype(np.float64))
+            for name, c, f in (("touch", touch, 30.0), ("margin", margin, 40.0))}
+    assert cost["margin"] == pytest.approx(40.0)
+    assert cost["touch"] > 50.0
