@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
@@ -30,6 +29,7 @@ from dynaroute.router.model import build_router
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
 from dynaroute.text import TextEncoder
+from dynaroute.train.report import oracle
 from dynaroute.train.text import SST2TrainConfig, train_sst2
 
 # Sized for this 2-core machine shared with others, at one torch thread: about 60 minutes.
@@ -90,17 +90,14 @@ def dynamic_report(bundle: Bundle, run_dir: Path, data: Path) -> dict[str, Any]:
     # the full model's accuracy on the calibration rows (sentence-like validation rows)
     full_val = bundle.manifest["calibration"].get("full_accuracy", bundle.subnet_info(full)["val_accuracy"])
     chosen = on_test(table.solve(Budget(target_accuracy=full_val - 0.005)).point)
-    # oracle: the cheapest static subnet that answers correctly (the full model when none does)
-    order = np.argsort(outputs.flops)
-    correct = np.stack([probs[outputs.names[i]].argmax(-1) == labels for i in order])  # [S, N]
-    any_right = correct.any(0)
-    first = np.where(any_right, correct.argmax(0), len(order) - 1)
-    oracle_flops = np.asarray(outputs.flops)[order][first]
-    oracle = {"test_accuracy": float(any_right.mean()), "test_flops_ratio": float(oracle_flops.mean() / full_flops)}
+    # oracle: the cheapest static subnet that answers correctly (as `dynaroute eval` reports it)
+    best = oracle(outputs, labels, full_flops)
+    orc = {"test_accuracy": best["accuracy"], "test_flops_ratio": best["flops_ratio"]}
     return {"router_flops_ratio": router_flops / full_flops, "full_val_accuracy": full_val,
             "calibration_rows": bundle.manifest["calibration"].get("rows_note", "all validation rows"),
-            "cascade_ladder": table.options.get("cascade", {}).get("ladder"), "curves": curves,
-            "budgets": budgets, "within_half_point": chosen, "oracle": oracle}
+            "cascade_ladder": table.options.get("cascade", {}).get("ladder"),
+            "cascade_first_exit": table.options.get("cascade", {}).get("first_exit", 1), "curves": curves,
+            "budgets": budgets, "within_half_point": chosen, "oracle": orc}
 
 
 def plot_pareto(bundle: Bundle, report: dict[str, Any], path: Path) -> None:
@@ -117,7 +114,12 @@ def plot_pareto(bundle: Bundle, report: dict[str, Any], path: Path) -> None:
                     xytext=(3, -8), textcoords="offset points")
     for name, curve in report["curves"].items():
         pts = sorted((c["test_flops_ratio"], 100 * c["test_accuracy"]) for c in curve)
-        ax.plot(*zip(*pts, strict=True), marker=".", label=f"dynamic: {name}", linewidth=2 if name == "auto" else 1)
+        # auto is the envelope of the others: drawn wide and pale underneath so they stay visible
+        style = {"linewidth": 6, "alpha": 0.3, "zorder": 1} if name == "auto" else {"linewidth": 1, "zorder": 2}
+        ax.plot(*zip(*pts, strict=True), marker="" if name == "auto" else ".", label=f"dynamic: {name}", **style)
+    c = report["within_half_point"]
+    ax.scatter(c["test_flops_ratio"], 100 * c["test_accuracy"], marker="D", s=60, facecolor="none", edgecolor="black",
+               zorder=5, label=f"chosen on validation: full - 0.5 pt ({c['policy']})")
     o = report["oracle"]
     ax.scatter(o["test_flops_ratio"], 100 * o["test_accuracy"], marker="*", s=150, color="gold", label="oracle",
                zorder=4)
@@ -158,7 +160,8 @@ def main() -> int:
         return 1
     report = dynamic_report(bundle, out, data)
     print(f"\nrouter: {100 * report['router_flops_ratio']:.3f}% of the full model's FLOPs")
-    print(f"calibrated on: {report['calibration_rows']}; cascade ladder: {report['cascade_ladder']}")
+    print(f"calibrated on: {report['calibration_rows']}; cascade ladder: {report['cascade_ladder']}, "
+          f"first exit {report['cascade_first_exit']}")
     print("\ndynamic model at budgets (policy auto; thresholds chosen on validation, figures on dev):")
     print("| quality | policy | dev accuracy | FLOPs / full |\n|---|---|---|---|")
     for b in report["budgets"]:
