@@ -146,6 +146,15 @@ def batch_stream(
 
 # --- losses ------------------------------------------------------------------------------------
 
+def sandwich_widths(widths: list[float], per_step: int, rng: random.Random) -> list[float]:
+    """The widths one training step runs (the sandwich rule): the largest and the smallest every
+    step, and random middle ones up to `per_step`, so every width is trained, the middle ones
+    (a cascade's first rungs) included. `widths` ascending."""
+    middle = widths[1:-1]
+    k = min(len(middle), max(0, per_step - 2))
+    return ([widths[-1], widths[0]] + rng.sample(middle, k))[:per_step]
+
+
 def _kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(student, -1), F.softmax(teacher, -1), reduction="batchmean")
 
@@ -427,9 +436,7 @@ def train_sst2(
         def width_loss(x, y, rng):
             with torch.no_grad():
                 t = teacher.run(x, 1.0)
-            others = widths[1:-1]
-            k = min(len(others), max(0, cfg.widths_per_step - 2))
-            chosen = ([widths[-1], widths[0]] + rng.sample(others, k))[: cfg.widths_per_step]
+            chosen = sandwich_widths(widths, cfg.widths_per_step, rng)
             loss = sum(distill_loss(model.run(x, w), t, c.kept_layers(full), full, y, x[1], cfg) for w in chosen)
             return loss / len(chosen)
 
@@ -447,11 +454,7 @@ def train_sst2(
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
 
         def depth_loss(x, y, rng):
-            # the sandwich rule, as in the width stage: the largest and smallest width every step,
-            # and random middle ones, so the middle widths (the cascade's first rungs) get trained
-            others = widths[1:-1]
-            k = min(len(others), max(0, cfg.depth_widths_per_step - 2))
-            chosen = ([widths[-1], widths[0]] + rng.sample(others, k))[: cfg.depth_widths_per_step]
+            chosen = sandwich_widths(widths, cfg.depth_widths_per_step, rng)
             loss = torch.zeros(())
             for w in chosen:
                 with torch.no_grad():

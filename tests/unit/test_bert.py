@@ -238,3 +238,19 @@ def test_replay_uses_the_exits_of_non_prefix_subnets() -> None:
     assert r.flops == 10 and r.exit_depths == (1,) and r.probs.argmax() == 0
     r = out.replay(Route(("w1-d3-p0",), (1.0,)), 0)
     assert r.flops == 30 and r.probs.argmax() == 1
+
+
+def test_every_training_step_runs_the_largest_and_smallest_width_and_each_middle_one_gets_its_turn() -> None:
+    import random
+
+    from dynaroute.train.text import sandwich_widths
+
+    widths = [0.25, 0.5, 0.75, 1.0]
+    rng = random.Random(0)
+    steps = [sandwich_widths(widths, 3, rng) for _ in range(200)]
+    assert all(s[:2] == [1.0, 0.25] and len(s) == 3 for s in steps)
+    middle = [s[2] for s in steps]
+    # each middle width about half the steps (the depth stage once gave them one step in eight)
+    assert 70 <= middle.count(0.5) <= 130 and middle.count(0.5) + middle.count(0.75) == 200
+    assert sandwich_widths(widths, 2, rng) == [1.0, 0.25]
+    assert sandwich_widths(widths, 9, rng)[:2] == [1.0, 0.25] and len(sandwich_widths(widths, 9, rng)) == 4
