@@ -7,7 +7,9 @@ Starts `dynaroute serve` on the bundle (local Ray, free ports), then sends SST-2
 with 32 requests in flight over one channel, first with the full subnet pinned, then at the
 dynamic budget (by default the calibrated point within 0.5 points of the full model's
 validation accuracy), and prints requests/s, accuracy and mean FLOPs share for each and the
-ratio of the two throughputs (issue 5's bar: at least 2x).
+ratio of the two throughputs (issue 5's bar: at least 2x). With --repeats R the two runs
+alternate R times on the same server and the medians are reported (a shared machine's load
+drifts; alternating keeps both routes under the same drift).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> int:
     parser.add_argument("--data", default="../shared/data/sst2", help="folder with dev.tsv")
     parser.add_argument("--placement", default=None, help="placement JSON passed to `dynaroute serve`")
     parser.add_argument("--n", type=int, default=872, help="dev sentences to send per run")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pinned/dynamic runs (medians reported)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-quality", type=float, default=None)
     budget.add_argument("--budget-target-accuracy", type=float, default=None)
@@ -73,15 +76,21 @@ def main() -> int:
 
     extra = ["--placement", args.placement] if args.placement else []
     proc, address = start_server(Path(args.bundle), extra_args=extra)
+    runs: dict[str, list[dict[str, float]]] = {"pinned": [], "routed": []}
     try:
-        pinned = asyncio.run(run(address, texts, labels, subnet=bundle.full_subnet))
-        routed = asyncio.run(run(address, texts, labels, **dynamic))
+        for _ in range(max(1, args.repeats)):
+            runs["pinned"].append(asyncio.run(run(address, texts, labels, subnet=bundle.full_subnet)))
+            runs["routed"].append(asyncio.run(run(address, texts, labels, **dynamic)))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+    for name, rs in runs.items():
+        print(f"{name} req/s per run: " + ", ".join(f"{r['rps']:.1f}" for r in rs))
+    pinned, routed = ({k: float(np.median([r[k] for r in rs])) for k in rs[0]} for rs in runs.values())
 
     budget_text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in dynamic.items())
-    print(f"{bundle.name}: {len(texts)} SST-2 dev sentences, {CONCURRENCY} in flight, through gRPC + Ray")
+    print(f"{bundle.name}: {len(texts)} SST-2 dev sentences, {CONCURRENCY} in flight, through gRPC + Ray; "
+          f"medians of {max(1, args.repeats)} alternating runs")
     print(f"{'route':<44} {'req/s':>8} {'accuracy':>9} {'FLOPs/full':>11}")
     for name, r in ((f"pinned full subnet {bundle.full_subnet}", pinned), (f"dynamic ({budget_text})", routed)):
         print(f"{name:<44} {r['rps']:>8.1f} {r['accuracy']:>9.2%} {r['flops_ratio']:>11.1%}")

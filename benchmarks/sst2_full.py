@@ -4,7 +4,8 @@
 
 Prints the 12 static subnets' dev accuracy and measured FLOPs laid out as DynaBERT's paper
 (width rows x depth columns), the dynamic model at budgets, the oracle row, and writes
-pareto.png next to the bundle. Rerunning resumes training from the last checkpoint.
+dev_pareto.png and dev_report.json next to the bundle (`dynaroute eval` writes its own pareto.png
+and report.json there). Rerunning resumes training from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -180,9 +181,9 @@ def main() -> int:
               f"t={b['threshold']:.4g}: {100 * b['test_accuracy']:.2f}% at {100 * b['test_flops_ratio']:.1f}% FLOPs")
     meets = c["test_accuracy"] >= full["test_accuracy"] - 0.005 and c["test_flops_ratio"] <= 0.40
     print(f"target (>= full - 0.5 pt at <= 40% FLOPs, point chosen on validation): {'met' if meets else 'NOT met'}")
-    plot_pareto(bundle, report, out / "pareto.png")
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {out / 'pareto.png'} and {out / 'report.json'}")
+    plot_pareto(bundle, report, out / "dev_pareto.png")
+    (out / "dev_report.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'dev_pareto.png'} and {out / 'dev_report.json'}")
     return 0
 
 
