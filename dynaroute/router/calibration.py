@@ -49,19 +49,30 @@ def route_all(policy: Policy, correct_prob: np.ndarray, gate: np.ndarray, thresh
     return [policy.route(correct_prob[i], gate[i], threshold) for i in range(len(correct_prob))]
 
 
-def evaluate_routes(routes: list, outputs: SubnetOutputs, labels: np.ndarray) -> tuple[float, float]:
-    """(accuracy, mean expert FLOPs) of one route per example; examples that share a route
-    (most do: a policy has few distinct decisions) are replayed together."""
-    by_route: dict[Route, list[int]] = {}
+def group_by_route(routes: list[Route]) -> dict[Route, list[int]]:
+    """route -> the examples that take it (most share one: a policy has few distinct decisions)."""
+    groups: dict[Route, list[int]] = {}
     for i, route in enumerate(routes):
-        by_route.setdefault(route, []).append(i)
-    correct = 0
-    flops = 0
-    for route, rows in by_route.items():
+        groups.setdefault(route, []).append(i)
+    return groups
+
+
+def replay_groups(groups: dict[Route, list[int]], outputs: SubnetOutputs,
+                  labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: (answered correctly [N] bool, expert FLOPs [N]), each group replayed at once."""
+    correct = np.zeros(len(labels), dtype=bool)
+    flops = np.zeros(len(labels), dtype=np.float64)
+    for route, rows in groups.items():
         r = outputs.replay_rows(route, np.asarray(rows))
-        correct += int((r.probs.argmax(-1) == labels[rows]).sum())
-        flops += int(r.flops.sum())
-    return correct / len(routes), flops / len(routes)
+        correct[rows] = r.probs.argmax(-1) == labels[rows]
+        flops[rows] = r.flops
+    return correct, flops
+
+
+def evaluate_routes(routes: list[Route], outputs: SubnetOutputs, labels: np.ndarray) -> tuple[float, float]:
+    """(accuracy, mean expert FLOPs) of one route per example."""
+    correct, flops = replay_groups(group_by_route(routes), outputs, labels)
+    return float(correct.mean()), float(flops.mean())
 
 
 def default_thresholds(policy: str, correct_prob: np.ndarray) -> np.ndarray:
@@ -176,8 +187,7 @@ def calibrate(
         sweep = default_thresholds(name, correct_prob) if sweep is None else sweep
         points = []
         for t in sweep:
-            acc, flops = evaluate_routes(route_all(policy, correct_prob, gate, float(t)), outputs, labels)
-            mean = flops + router_flops
+            acc, mean = accuracy_and_cost(policy, correct_prob, gate, float(t), outputs, labels, router_flops)
             points.append(OperatingPoint(name, float(t), acc, mean, mean / full_flops))
         tables[name] = points
     return CalibrationTable(tables, policies, full_flops, router_flops)
@@ -195,9 +205,15 @@ def measure(
 ) -> dict[str, float]:
     """An operating point replayed on another split (test): accuracy, mean FLOPs (router
     included) and their ratio to the full subnet."""
-    acc, flops = evaluate_routes(route_all(policy, correct_prob, gate, point.threshold), outputs, labels)
-    mean = flops + router_flops
+    acc, mean = accuracy_and_cost(policy, correct_prob, gate, point.threshold, outputs, labels, router_flops)
     return {"accuracy": acc, "mean_flops": mean, "flops_ratio": mean / full_flops}
+
+
+def accuracy_and_cost(policy: Policy, correct_prob: np.ndarray, gate: np.ndarray, threshold: float,
+                       outputs: SubnetOutputs, labels: np.ndarray, router_flops: int) -> tuple[float, float]:
+    """A policy at one threshold on one split: (accuracy, mean FLOPs with the router's)."""
+    acc, flops = evaluate_routes(route_all(policy, correct_prob, gate, threshold), outputs, labels)
+    return acc, flops + router_flops
 
 
 def cascade_outcomes(
@@ -211,17 +227,10 @@ def cascade_outcomes(
     """Per threshold and example: (answered correctly [T, N] bool, expert FLOPs [T, N]) of a
     cascade. Its route depends on the threshold only through the bound, so the rows are grouped
     by route once and each group replayed at every bound."""
-    groups: dict[Route, list[int]] = {}
-    for i in range(len(labels)):
-        groups.setdefault(policy.route(correct_prob[i], gate[i], 0.0), []).append(i)
-    correct = np.zeros((len(thresholds), len(labels)), dtype=bool)
-    flops = np.zeros((len(thresholds), len(labels)), dtype=np.float64)
-    for t, bound in enumerate(thresholds):
-        for route, rows in groups.items():
-            r = outputs.replay_rows(replace(route, confidence_bound=float(bound)), np.asarray(rows))
-            correct[t, rows] = r.probs.argmax(-1) == labels[rows]
-            flops[t, rows] = r.flops
-    return correct, flops
+    groups = group_by_route(route_all(policy, correct_prob, gate, 0.0))
+    per_bound = [replay_groups({replace(route, confidence_bound=float(bound)): rows for route, rows in groups.items()},
+                               outputs, labels) for bound in thresholds]
+    return np.stack([c for c, _ in per_bound]), np.stack([f for _, f in per_bound])
 
 
 def expected_cost(correct: np.ndarray, flops: np.ndarray, reference: np.ndarray, gap: float, fallback: float,
@@ -251,7 +260,7 @@ def choose_cascade(
     frontier: list[str],
     reference: str,
     gap: float,
-    thresholds: np.ndarray,
+    thresholds: np.ndarray | None = None,
     options: dict[str, Any] | None = None,
     max_rungs: int = 3,
     resamples: int = 200,
@@ -261,7 +270,8 @@ def choose_cascade(
     sub-ladders of `frontier` (the validation Pareto frontier of static subnets, cheapest first)
     with 2..max_rungs rungs, and each first exit up to the ladder's shallowest rung's depth, the
     pair with the least `expected_cost` of reaching subnet `reference`'s accuracy less `gap`;
-    returned as cascade options ({"ladder": [...], "first_exit": k}).
+    returned as cascade options ({"ladder": [...], "first_exit": k}). `thresholds`: the
+    bounds swept (default: `default_thresholds`).
 
     Every rung is paid in full when escalated past, so the whole frontier as a ladder
     overspends; and a shallow exit that is confidently wrong on long inputs forces the bound up
@@ -269,6 +279,7 @@ def choose_cascade(
     whole frontier, every exit."""
     from itertools import combinations
 
+    thresholds = default_thresholds("cascade", correct_prob) if thresholds is None else thresholds
     rng = np.random.default_rng(seed)
     n = len(labels)
     draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)

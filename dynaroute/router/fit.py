@@ -25,7 +25,7 @@ from dynaroute.data import Splits
 from dynaroute.experts.base import DynamicModel
 from dynaroute.experts.flops import count_flops
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import CalibrationTable, calibrate, choose_cascade, default_thresholds, measure
+from dynaroute.router.calibration import CalibrationTable, calibrate, choose_cascade, measure
 from dynaroute.router.cascade import pareto_ladder
 from dynaroute.router.model import MLPRouter, MLPRouterConfig, Router
 from dynaroute.router.policy import make_policy
@@ -132,10 +132,9 @@ def fit_router(
     if ladder_gap is not None and "cascade" in policies:
         val_acc = [float((probs["val"][n].argmax(-1) == labels["val"]).mean()) for n in names]
         frontier = pareto_ladder(names, [int(r["flops"]) for r in subnets], val_acc)
-        sweep = (thresholds or {}).get("cascade")
         policies["cascade"].update(choose_cascade(
-            *val_scores, val_out, cal_labels, frontier, full, ladder_gap,
-            default_thresholds("cascade", val_scores[0]) if sweep is None else sweep, policies["cascade"]))
+            *val_scores, val_out, cal_labels, frontier, full, ladder_gap, (thresholds or {}).get("cascade"),
+            policies["cascade"]))
     table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies, thresholds)
     supervised_s = time.perf_counter() - started
     comparison = {"supervised": {

@@ -22,7 +22,7 @@ import torch
 from dynaroute.bundle import Bundle
 from dynaroute.errors import BundleError
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import OperatingPoint, default_thresholds, evaluate_routes, pareto, route_all
+from dynaroute.router.calibration import OperatingPoint, accuracy_and_cost, default_thresholds, pareto
 from dynaroute.router.fit import NEAR_FULL_GAP, router_scores
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
@@ -127,8 +127,7 @@ def build_report(bundle: Bundle, data_path: str | Path | None = None) -> dict[st
     orc = oracle(outputs, test_y, full_flops)
 
     def on_test(policy: str, threshold: float) -> dict[str, float]:
-        accuracy, spent = evaluate_routes(route_all(policies[policy], *scores, threshold), outputs, test_y)
-        mean = spent + runtime.flops
+        accuracy, mean = accuracy_and_cost(policies[policy], *scores, threshold, outputs, test_y, runtime.flops)
         return {"accuracy": accuracy, "mean_flops": mean, "flops_ratio": mean / full_flops,
                 "savings_share": (1 - mean / full_flops) / (1 - orc["flops_ratio"]) if orc["flops_ratio"] < 1 else 0.0}
 
