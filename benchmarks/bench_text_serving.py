@@ -9,13 +9,16 @@ dynamic budget (by default the calibrated point within 0.5 points of the full mo
 validation accuracy), and prints requests/s, accuracy and mean FLOPs share for each and the
 ratio of the two throughputs (issue 5's bar: at least 2x). With --repeats R the two runs
 alternate R times on the same server and the medians are reported (a shared machine's load
-drifts; alternating keeps both routes under the same drift).
+drifts; alternating keeps both routes under the same drift). With --cpu it also prints, per
+route, the CPU milliseconds each process spent per request (the gateway, the expert actors, this
+load generator), read from /proc (Linux), to show where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -51,6 +54,33 @@ async def run(address: str, texts: list[str], labels: np.ndarray, **budget: obje
     return {"rps": len(texts) / elapsed, "accuracy": correct / len(texts), "flops_ratio": float(np.mean(ratios))}
 
 
+def cpu_seconds() -> dict[int, tuple[float, str]]:
+    """pid -> (user + system CPU seconds so far, command line) of every process on the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read().replace("\0", " ").strip()
+        except OSError:  # the process ended meanwhile
+            continue
+        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, cmd)
+    return out
+
+
+def cpu_ms_per_request(before: dict, after: dict, requests: int, server_pid: int) -> dict[str, float]:
+    """CPU ms per request between two `cpu_seconds` readings, by role."""
+    roles: dict[str, float] = {}
+    for pid, (seconds, cmd) in after.items():
+        spent = seconds - before.get(pid, (0.0, ""))[0]
+        role = ("gateway" if pid == server_pid else "load generator" if pid == os.getpid()
+                else "expert actors" if "ExpertWorker" in cmd else "other")
+        roles[role] = roles.get(role, 0.0) + 1000 * spent / requests
+    return roles
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="runs/sst2_full")
@@ -58,6 +88,7 @@ def main() -> int:
     parser.add_argument("--placement", default=None, help="placement JSON passed to `dynaroute serve`")
     parser.add_argument("--n", type=int, default=872, help="dev sentences to send per run")
     parser.add_argument("--repeats", type=int, default=3, help="alternating pinned/dynamic runs (medians reported)")
+    parser.add_argument("--cpu", action="store_true", help="CPU ms per request by process role (from /proc)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-quality", type=float, default=None)
     budget.add_argument("--budget-target-accuracy", type=float, default=None)
@@ -77,15 +108,25 @@ def main() -> int:
     extra = ["--placement", args.placement] if args.placement else []
     proc, address = start_server(Path(args.bundle), extra_args=extra)
     runs: dict[str, list[dict[str, float]]] = {"pinned": [], "routed": []}
+    cpu: dict[str, list[dict[str, float]]] = {"pinned": [], "routed": []}
+    budgets = {"pinned": {"subnet": bundle.full_subnet}, "routed": dynamic}
     try:
         for _ in range(max(1, args.repeats)):
-            runs["pinned"].append(asyncio.run(run(address, texts, labels, subnet=bundle.full_subnet)))
-            runs["routed"].append(asyncio.run(run(address, texts, labels, **dynamic)))
+            for name, budget in budgets.items():
+                before = cpu_seconds() if args.cpu else {}
+                runs[name].append(asyncio.run(run(address, texts, labels, **budget)))
+                if args.cpu:  # the warm-up requests are counted too: CONCURRENCY more
+                    cpu[name].append(cpu_ms_per_request(before, cpu_seconds(), len(texts) + CONCURRENCY, proc.pid))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     for name, rs in runs.items():
         print(f"{name} req/s per run: " + ", ".join(f"{r['rps']:.1f}" for r in rs))
+    for name, readings in cpu.items():
+        if readings:
+            roles = sorted({role for r in readings for role in r})
+            medians = {role: float(np.median([r.get(role, 0.0) for r in readings])) for role in roles}
+            print(f"{name} CPU ms per request (median): " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
     pinned, routed = ({k: float(np.median([r[k] for r in rs])) for k in rs[0]} for rs in runs.values())
 
     budget_text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in dynamic.items())
