@@ -9,8 +9,9 @@ serving without holding the secret; they reveal nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -97,17 +98,49 @@ def count_rejected(apis: Mapping[str, str], model: Callable[[], str]) -> Callabl
     return on_rejected
 
 
+# How long, and for how many messages, a refused streaming call is read before its status is
+# sent. grpc.aio clients report INTERNAL ("Failed execute_batch: SendMessageOperation") instead
+# of the server's status when a write of theirs is still in flight as the call ends
+# (grpc/grpc#36066); reading what they send until they half-close lets every write complete, so
+# they see UNAUTHENTICATED whatever the timing. The bounds keep a refused client from holding
+# the call open: past them, the status goes out anyway.
+REFUSED_STREAM_DRAIN_S = 2.0
+REFUSED_STREAM_MAX_MESSAGES = 1024
+
+
+async def _drain(requests: AsyncIterator[bytes]) -> None:
+    """Read (and discard, undecoded) a refused call's messages until the client half-closes,
+    within the bounds above."""
+
+    async def read() -> None:
+        count = 0
+        async for _ in requests:
+            count += 1
+            if count >= REFUSED_STREAM_MAX_MESSAGES:
+                return
+
+    try:
+        await asyncio.wait_for(read(), REFUSED_STREAM_DRAIN_S)
+    except (asyncio.TimeoutError, grpc.RpcError):
+        pass
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler` that only aborts the call."""
+    """A handler of the same streaming kind as `handler` that only refuses the call. Requests
+    are never decoded (no deserializer): nothing a refused client sends is parsed."""
 
     async def abort(_request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
 
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    async def abort_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        await _drain(requests)
+        await context.abort(code, message)
+
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kw)
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
+        return grpc.stream_unary_rpc_method_handler(abort_stream, **kw)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort, **kw)
     return grpc.unary_unary_rpc_method_handler(abort, **kw)

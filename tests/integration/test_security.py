@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import socket
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -137,10 +138,21 @@ async def _start(
     server = grpc.aio.server(interceptors=interceptors)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     reflection.enable_server_reflection([reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(_echo)}),))
     addr = "127.0.0.1:0"
     port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
     await server.start()
     return server, port
+
+
+async def _echo(request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def _unary(channel: grpc.aio.Channel, **kw: object) -> bytes:
+    """A unary call that is not exempt from the token (raw bytes in, the same bytes out)."""
+    return await channel.unary_unary("/test.Echo/Unary")(b"ping", timeout=5, **kw)
 
 
 async def _health(channel: grpc.aio.Channel, **kw: object) -> int:
@@ -203,14 +215,40 @@ async def test_bearer_token_plaintext(pki: dict[str, Path]) -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             for md in ((), bearer_metadata("wrong"), (("authorization", TOKEN),)):
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await _list_services(ch, metadata=md)
-                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert "authorization: Bearer <token>" in (err.value.details() or "")
+                for call in (_list_services, _unary):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call(ch, metadata=md)
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert "authorization: Bearer <token>" in (err.value.details() or "")
             assert health.SERVICE_NAME in await _list_services(ch, metadata=bearer_metadata(TOKEN))
+            assert await _unary(ch, metadata=bearer_metadata(TOKEN)) == b"ping"
             # Health checks are exempt so that probes need no secret.
             assert await _health(ch) == health_pb2.HealthCheckResponse.SERVING
-        assert rejected == ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"] * 3
+        assert rejected == ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "/test.Echo/Unary"] * 3
+    finally:
+        await server.stop(None)
+
+
+async def test_a_streaming_client_without_token_sees_unauthenticated_while_still_sending() -> None:
+    """A client still writing when it is refused: grpc.aio reports INTERNAL for a write in
+    flight as the call ends (grpc/grpc#36066), which is what a loaded CI machine hit with one
+    small message. 64 messages of 64 KiB keep the writes in flight every time, so without the
+    server's fix every call here fails with INTERNAL."""
+    server, port = await _start(interceptors=(BearerTokenInterceptor(TOKEN),))
+
+    async def many_large() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        for _ in range(64):
+            yield reflection_pb2.ServerReflectionRequest(file_by_filename="x" * 65536)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            for _ in range(10):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _reply in stub.ServerReflectionInfo(many_large(), timeout=10):
+                        pass
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+            assert await _health(ch) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(None)
 
