@@ -1,16 +1,27 @@
 """Calibration: a table from budget to operating point, measured on the validation split.
 
 For each policy, thresholds are swept; at each, every validation example is routed and its
-answer and FLOPs replayed (router FLOPs included). The Pareto-monotone points (accuracy rising
-with mean FLOPs) form the policy's table; the `auto` table merges all policies' points, so a
-budget without a policy gets whichever policy is best there. A budget is solved from a table:
+answer and FLOPs replayed (router FLOPs included). Each point has two accuracies:
 
-- quality q in [0, 1]: the cheapest point whose accuracy reaches acc_min + q * (acc_max - acc_min),
-  acc_min and acc_max being the table's cheapest and most accurate points (q = 0: cheapest,
-  q = 1: most accurate);
+- `accuracy`: its accuracy on the calibration rows;
+- `assured_accuracy`: the full model's accuracy plus a lower bound (ASSURANCE, by a paired
+  bootstrap over the rows) of the point's mean difference to the full model in the
+  probability given to the true class. A cheap point can tie the full model on a few hundred
+  rows by luck; the probability difference sees a barely confident small subnet as the risk it
+  is, and the bound makes a point that only matches the full model on the rows at hand pay for
+  that doubt. The full model (the `static` policy) scores exactly its own accuracy, so the top
+  of the quality range is never below it.
+
+A policy's table keeps the points no cheaper point beats on both accuracies, cheapest first;
+the `auto` table merges all policies' points, so a budget without a policy gets whichever
+policy is best there. A budget is solved from a table:
+
+- quality q in [0, 1]: the cheapest point whose assured accuracy reaches
+  lo + q * (hi - lo), lo being the cheapest point's and hi the best assured accuracy
+  (q = 0: the cheapest point; q = 1: at least the full model's accuracy, at the least cost);
 - max_flops: the most accurate point whose mean FLOPs fit; target_accuracy: the cheapest point
-  that reaches it. When no point qualifies, the closest one (the cheapest, resp. the most
-  accurate) is used and the `Resolution` says so (`reachable=False` and a note).
+  whose accuracy reaches it. When no point qualifies, the closest one (the cheapest, resp. the
+  most accurate) is used and the `Resolution` says so (`reachable=False` and a note).
 """
 
 from __future__ import annotations
@@ -26,6 +37,9 @@ from dynaroute.router.policy import Policy, Route, make_policy
 from dynaroute.router.replay import SubnetOutputs
 
 AUTO = "auto"  # the merged table, used when a budget names no policy
+# The confidence of `assured_accuracy`'s lower bound, and the bootstrap resamples it is taken over.
+ASSURANCE = 0.9
+RESAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,12 @@ class OperatingPoint:
     accuracy: float  # expected (validation) accuracy
     mean_flops: float  # per example, router included
     flops_ratio: float  # mean_flops / the full subnet's FLOPs
-    quality: float = 0.0  # the largest budget quality that resolves to this point
+    quality: float = 0.0  # its place on the budget quality scale (0: the cheapest point's, 1: the best)
+    assured_accuracy: float | None = None  # see the module docstring; None: not measured (= accuracy)
+
+    @property
+    def assured(self) -> float:
+        return self.accuracy if self.assured_accuracy is None else self.assured_accuracy
 
 
 @dataclass(frozen=True)
@@ -57,22 +76,54 @@ def group_by_route(routes: list[Route]) -> dict[Route, list[int]]:
     return groups
 
 
-def replay_groups(groups: dict[Route, list[int]], outputs: SubnetOutputs,
-                  labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per example: (answered correctly [N] bool, expert FLOPs [N]), each group replayed at once."""
+@dataclass(frozen=True)
+class RowOutcomes:
+    """Per example of one split: answered correctly [N] bool, the probability the answer gives
+    the true class [N], expert FLOPs [N]."""
+
+    correct: np.ndarray
+    true_prob: np.ndarray
+    flops: np.ndarray
+
+
+def replay_groups(groups: dict[Route, list[int]], outputs: SubnetOutputs, labels: np.ndarray) -> RowOutcomes:
+    """Every example's outcome, each group of examples sharing a route replayed at once."""
     correct = np.zeros(len(labels), dtype=bool)
+    true_prob = np.zeros(len(labels), dtype=np.float64)
     flops = np.zeros(len(labels), dtype=np.float64)
     for route, rows in groups.items():
-        r = outputs.replay_rows(route, np.asarray(rows))
+        rows = np.asarray(rows)
+        r = outputs.replay_rows(route, rows)
         correct[rows] = r.probs.argmax(-1) == labels[rows]
+        true_prob[rows] = r.probs[np.arange(len(rows)), labels[rows]]
         flops[rows] = r.flops
-    return correct, flops
+    return RowOutcomes(correct, true_prob, flops)
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """[resamples, n]: how often each of n rows is drawn in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+
+
+def assured_accuracy(outcome: RowOutcomes, reference: RowOutcomes, counts: np.ndarray,
+                     assurance: float = ASSURANCE) -> float:
+    """The reference's (full model's) accuracy plus the `assurance` lower bound, over the
+    bootstrap resamples `counts`, of the paired mean difference to it: the smaller of the bounds
+    on the difference in correctness and in the true class's probability. Either alone misleads:
+    correctness cannot tell a lucky tie from a sure one, and probabilities reward a point for
+    being surer of answers the full model also gets right."""
+    n = counts.shape[1]
+    correct = counts @ (outcome.correct.astype(np.float64) - reference.correct) / n
+    prob = counts @ (outcome.true_prob - reference.true_prob) / n
+    low = 1.0 - assurance
+    return float(reference.correct.mean() + min(np.quantile(correct, low), np.quantile(prob, low)))
 
 
 def evaluate_routes(routes: list[Route], outputs: SubnetOutputs, labels: np.ndarray) -> tuple[float, float]:
     """(accuracy, mean expert FLOPs) of one route per example."""
-    correct, flops = replay_groups(group_by_route(routes), outputs, labels)
-    return float(correct.mean()), float(flops.mean())
+    o = replay_groups(group_by_route(routes), outputs, labels)
+    return float(o.correct.mean()), float(o.flops.mean())
 
 
 def default_thresholds(policy: str, correct_prob: np.ndarray) -> np.ndarray:
@@ -86,14 +137,25 @@ def default_thresholds(policy: str, correct_prob: np.ndarray) -> np.ndarray:
 
 
 def pareto(points: list[OperatingPoint]) -> list[OperatingPoint]:
-    """Points where accuracy strictly rises with mean FLOPs, cheapest first, with `quality`."""
+    """Points where accuracy strictly rises with mean FLOPs, cheapest first (the report's curves)."""
     kept: list[OperatingPoint] = []
     for p in sorted(points, key=lambda p: (p.mean_flops, -p.accuracy)):
         if not kept or p.accuracy > kept[-1].accuracy + 1e-12:
             kept.append(p)
-    lo, hi = kept[0].accuracy, kept[-1].accuracy
+    return kept
+
+
+def frontier(points: list[OperatingPoint]) -> list[OperatingPoint]:
+    """The points no cheaper (or equally cheap, earlier) point beats on both accuracy and assured
+    accuracy, cheapest first, each with its place on the quality scale."""
+    kept: list[OperatingPoint] = []
+    for p in sorted(points, key=lambda p: (p.mean_flops, -p.assured, -p.accuracy)):
+        if not any(k.accuracy >= p.accuracy - 1e-12 and k.assured >= p.assured - 1e-12 for k in kept):
+            kept.append(p)
+    lo, hi = kept[0].assured, max(p.assured for p in kept)
     span = hi - lo
-    return [OperatingPoint(**{**asdict(p), "quality": (p.accuracy - lo) / span if span > 0 else 1.0}) for p in kept]
+    return [replace(p, quality=float(np.clip((p.assured - lo) / span, 0.0, 1.0)) if span > 0 else 1.0)
+            for p in kept]
 
 
 class CalibrationTable:
@@ -103,8 +165,8 @@ class CalibrationTable:
                  full_flops: int, router_flops: int, default_policy: str = AUTO):
         if not tables or any(not t for t in tables.values()):
             raise ValueError("CalibrationTable.tables must hold at least one point per policy")
-        self.tables = {name: pareto(points) for name, points in tables.items()}
-        self.tables[AUTO] = pareto([p for name, t in self.tables.items() if name != AUTO for p in t])
+        self.tables = {name: frontier(points) for name, points in tables.items()}
+        self.tables[AUTO] = frontier([p for name, t in self.tables.items() if name != AUTO for p in t])
         self.options = options
         self.full_flops = full_flops
         self.router_flops = router_flops
@@ -127,22 +189,24 @@ class CalibrationTable:
         if budget.subnet is not None:
             raise InvalidInputError("a budget that pins a subnet is not solved through calibration")
         points = self.table(budget.policy)
+        cheapest = points[0]
         if budget.max_flops is not None:
             fit = [p for p in points if p.mean_flops <= budget.max_flops]
             if fit:
-                return Resolution(fit[-1])
-            return Resolution(points[0], False, f"max_flops {budget.max_flops:g} is below the cheapest calibrated "
-                              f"point ({points[0].mean_flops:g} FLOPs); using that point")
+                return Resolution(max(fit, key=lambda p: (p.accuracy, -p.mean_flops)))
+            return Resolution(cheapest, False, f"max_flops {budget.max_flops:g} is below the cheapest calibrated "
+                              f"point ({cheapest.mean_flops:g} FLOPs); using that point")
         if budget.target_accuracy is not None:
             fit = [p for p in points if p.accuracy >= budget.target_accuracy - 1e-12]
             if fit:
                 return Resolution(fit[0])
-            return Resolution(points[-1], False, f"target_accuracy {budget.target_accuracy:g} is above the best "
-                              f"calibrated accuracy ({points[-1].accuracy:.4f}); using the most accurate point")
+            best = max(points, key=lambda p: (p.accuracy, -p.mean_flops))
+            return Resolution(best, False, f"target_accuracy {budget.target_accuracy:g} is above the best "
+                              f"calibrated accuracy ({best.accuracy:.4f}); using the most accurate point")
         q = default_quality if budget.quality is None else budget.quality
-        lo, hi = points[0].accuracy, points[-1].accuracy
-        target = lo + q * (hi - lo)
-        return Resolution(next(p for p in points if p.accuracy >= target - 1e-12))
+        hi = max(p.assured for p in points)
+        target = cheapest.assured + q * (hi - cheapest.assured)
+        return Resolution(next(p for p in points if p.assured >= target - 1e-12))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,9 +222,9 @@ class CalibrationTable:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CalibrationTable:
-        tables = {
-            name: [OperatingPoint(**p) for p in points] for name, points in d["tables"].items() if name != AUTO
-        }
+        # Bundles calibrated before assured accuracy was measured: it reads as the accuracy.
+        tables = {name: [OperatingPoint(**{"assured_accuracy": p["accuracy"], **p}) for p in points]
+                  for name, points in d["tables"].items() if name != AUTO}
         return cls(tables, d.get("options", {}), int(d["full_flops"]), int(d["router_flops"]),
                    d.get("default_policy", AUTO))
 
@@ -172,14 +236,25 @@ def calibrate(
     labels: np.ndarray,
     router_flops: int,
     full_flops: int,
-    policies: dict[str, dict[str, float]],
+    policies: dict[str, dict[str, Any]],
     thresholds: dict[str, np.ndarray] | None = None,
+    reference: str | None = None,
+    assurance: float = ASSURANCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
 ) -> CalibrationTable:
     """Sweep each policy's thresholds on one split (validation) and build the table.
 
     correct_prob [N, S] and gate [N, K] are the router's scores on that split; `policies` maps
     policy name -> its options. Works for any router and input kind: only scores are needed.
+    reference: the full model, which assured accuracies are measured against (default: the
+    subnet with the most FLOPs); it is always calibrated as the `static` policy's point, so
+    that quality 1 can resolve to it.
     """
+    reference = reference or outputs.names[int(np.argmax(outputs.flops))]
+    policies = {**policies, "static": {"subnet": reference}}
+    counts = bootstrap_counts(len(labels), resamples, seed)
+    ref = replay_groups({Route((reference,), (1.0,)): list(range(len(labels)))}, outputs, labels)
     tables: dict[str, list[OperatingPoint]] = {}
     for name, opts in policies.items():
         policy = make_policy(name, outputs.names, outputs.flops, **opts)
@@ -187,8 +262,10 @@ def calibrate(
         sweep = default_thresholds(name, correct_prob) if sweep is None else sweep
         points = []
         for t in sweep:
-            acc, mean = accuracy_and_cost(policy, correct_prob, gate, float(t), outputs, labels, router_flops)
-            points.append(OperatingPoint(name, float(t), acc, mean, mean / full_flops))
+            o = replay_groups(group_by_route(route_all(policy, correct_prob, gate, float(t))), outputs, labels)
+            mean = float(o.flops.mean()) + router_flops
+            points.append(OperatingPoint(name, float(t), float(o.correct.mean()), mean, mean / full_flops,
+                                         assured_accuracy=assured_accuracy(o, ref, counts, assurance)))
         tables[name] = points
     return CalibrationTable(tables, policies, full_flops, router_flops)
 
@@ -230,7 +307,7 @@ def cascade_outcomes(
     groups = group_by_route(route_all(policy, correct_prob, gate, 0.0))
     per_bound = [replay_groups({replace(route, confidence_bound=float(bound)): rows for route, rows in groups.items()},
                                outputs, labels) for bound in thresholds]
-    return np.stack([c for c, _ in per_bound]), np.stack([f for _, f in per_bound])
+    return np.stack([o.correct for o in per_bound]), np.stack([o.flops for o in per_bound])
 
 
 def expected_cost(correct: np.ndarray, flops: np.ndarray, reference: np.ndarray, gap: float, fallback: float,
@@ -280,9 +357,7 @@ def choose_cascade(
     from itertools import combinations
 
     thresholds = default_thresholds("cascade", correct_prob) if thresholds is None else thresholds
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+    draws = bootstrap_counts(len(labels), resamples, seed)
     ref = outputs.probs[outputs.index[reference]].argmax(-1) == labels
     fallback = float(outputs.flops[outputs.index[reference]])
     best: tuple[float, dict[str, Any]] | None = None

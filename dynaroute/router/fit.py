@@ -135,7 +135,7 @@ def fit_router(
         policies["cascade"].update(choose_cascade(
             *val_scores, val_out, cal_labels, frontier, full, ladder_gap, (thresholds or {}).get("cascade"),
             policies["cascade"]))
-    table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies, thresholds)
+    table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies, thresholds, reference=full)
     supervised_s = time.perf_counter() - started
     comparison = {"supervised": {
         "seconds": round(supervised_s, 1),
@@ -150,7 +150,7 @@ def fit_router(
                     progress=progress)
         jp = {k: subnet_probs(tuned, inputs[k]) for k in ("val", "test")}
         joint_table = calibrate(*router_scores(joint_router, inputs["val"]), SubnetOutputs(jp["val"], subnets),
-                                labels["val"], router_flops, full_flops, policies)
+                                labels["val"], router_flops, full_flops, policies, reference=full)
         comparison["joint"] = {
             "seconds": round(time.perf_counter() - started, 1),
             "full_test_accuracy": float((jp["test"][full].argmax(-1) == labels["test"]).mean()),

@@ -50,7 +50,7 @@ class Policy(ABC):
         """correct_prob: [S] predicted P(subnet answers correctly); gate: [K] path weights."""
 
 
-# name -> Policy class. Filled by `register_policy` in threshold.py, cascade.py and topk.py,
+# name -> Policy class. Filled by `register_policy` in threshold.py, cascade.py, topk.py and static.py,
 # which dynaroute/router/__init__.py imports, so the dict is complete once the package is.
 POLICIES: dict[str, type[Policy]] = {}
 

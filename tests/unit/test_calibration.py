@@ -98,6 +98,41 @@ def test_calibrate_finds_the_threshold_that_sends_only_hard_inputs_to_a_larger_s
     assert table.solve(Budget(quality=1.0)).point.accuracy == 1.0
 
 
+def test_quality_1_is_never_below_the_full_model_even_where_a_cheap_subnet_ties_it_by_luck() -> None:
+    # On these 40 rows the cheap subnet is right wherever the full model is (36 of 40), but
+    # barely: 0.55 on the true class against the full model's 0.95. Its accuracy ties the full
+    # model's; its assured accuracy does not, so quality 1 is the full model, not the cheap tie.
+    n = 40
+    right = np.arange(n) >= 4
+    cheap = np.where(right, 0.55, 0.45)
+    full = np.where(right, 0.95, 0.3)
+    out = outputs_of({"w0.5-d1-p0": cheap, "w0.5-d2-p0": cheap, "w1-d1-p0": cheap, "w1-d2-p0": full})
+    labels = np.zeros(n, dtype=np.int64)
+    correct_prob = np.tile([0.9, 0.9, 0.9, 0.9], (n, 1))
+    table = calibrate(correct_prob, np.ones((n, 1)), out, labels, router_flops=1, full_flops=100,
+                      policies={"threshold": {}})
+    cheap_point = table.table("threshold")[0]
+    assert cheap_point.accuracy == pytest.approx(0.9) and cheap_point.mean_flops == 11
+    assert cheap_point.assured < 0.9
+    top = table.solve(Budget(quality=1.0)).point
+    assert (top.policy, top.accuracy, top.assured) == ("static", pytest.approx(0.9), pytest.approx(0.9))
+    bottom = table.solve(Budget(quality=0.0)).point
+    assert (bottom.policy, bottom.mean_flops) == ("threshold", 11)
+    # target_accuracy and max_flops read the measured accuracy: the cheap point reaches 0.9
+    assert table.solve(Budget(target_accuracy=0.9)).point.mean_flops == 11
+
+
+def test_quality_1_takes_a_cheaper_point_that_answers_as_the_full_model_does() -> None:
+    n = 40
+    full = np.where(np.arange(n) >= 4, 0.95, 0.3)
+    out = outputs_of({"w0.5-d1-p0": 1 - full, "w0.5-d2-p0": 1 - full, "w1-d1-p0": full, "w1-d2-p0": full})
+    correct_prob = np.tile([0.1, 0.1, 0.9, 0.9], (n, 1))
+    table = calibrate(correct_prob, np.ones((n, 1)), out, np.zeros(n, dtype=np.int64), router_flops=1,
+                      full_flops=100, policies={"threshold": {}})
+    top = table.solve(Budget(quality=1.0)).point
+    assert (top.policy, top.mean_flops, top.assured) == ("threshold", 21, pytest.approx(0.9))
+
+
 POINTS = [
     OperatingPoint("threshold", 0.0, 0.90, 10, 0.1),
     OperatingPoint("threshold", 0.5, 0.95, 20, 0.2),

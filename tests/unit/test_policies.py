@@ -15,8 +15,8 @@ FLOPS = [10, 30, 20, 100]
 ONE_GATE = np.array([1.0])
 
 
-def test_registry_holds_the_three_policies_and_refuses_unknown_names() -> None:
-    assert set(POLICIES) == {"threshold", "cascade", "topk"}
+def test_registry_holds_the_four_policies_and_refuses_unknown_names() -> None:
+    assert set(POLICIES) == {"threshold", "cascade", "topk", "static"}
     with pytest.raises(InvalidInputError, match="unknown policy 'greedy'"):
         make_policy("greedy", NAMES, FLOPS)
 
@@ -31,6 +31,16 @@ def test_threshold_picks_the_cheapest_subnet_whose_predicted_correctness_reaches
     assert policy.route(scores, ONE_GATE, 0.95).subnets == ("w1-d2-p0",)
     route = policy.route(scores, ONE_GATE, 0.95)
     assert route.confidence_bound is None and route.escalation == ()
+
+
+def test_static_runs_one_subnet_whatever_the_scores_by_default_the_full_model() -> None:
+    full = make_policy("static", NAMES, FLOPS)
+    for scores in (np.array([0.99, 0.99, 0.99, 0.1]), np.array([0.1, 0.1, 0.1, 0.1])):
+        assert full.route(scores, ONE_GATE, 0.5) == Route(("w1-d2-p0",), (1.0,), policy="static")
+    assert make_policy("static", NAMES, FLOPS, subnet="w0.5-d2-p0").route(
+        np.zeros(4), ONE_GATE, 0.0).subnets == ("w0.5-d2-p0",)
+    with pytest.raises(ValueError, match="static option subnet"):
+        make_policy("static", NAMES, FLOPS, subnet="w2-d1-p0")
 
 
 def test_threshold_above_every_score_takes_the_most_trusted_subnet() -> None:

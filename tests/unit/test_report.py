@@ -9,15 +9,22 @@ from dynaroute.router.replay import SubnetOutputs
 from dynaroute.train.report import frontier_check, oracle, static_frontier
 
 STATIC = [
-    {"name": "a", "flops": 10, "test_accuracy": 0.90},
-    {"name": "b", "flops": 20, "test_accuracy": 0.95},
-    {"name": "c", "flops": 30, "test_accuracy": 0.93},  # dominated
-    {"name": "d", "flops": 100, "test_accuracy": 0.97},
+    {"name": "a", "flops": 10, "val_accuracy": 0.91, "test_accuracy": 0.90},
+    {"name": "b", "flops": 20, "val_accuracy": 0.95, "test_accuracy": 0.95},
+    {"name": "c", "flops": 30, "val_accuracy": 0.93, "test_accuracy": 0.93},  # dominated
+    {"name": "d", "flops": 100, "val_accuracy": 0.96, "test_accuracy": 0.97},
 ]
 
 
 def test_static_frontier_keeps_the_subnets_that_beat_every_cheaper_one() -> None:
     assert [r["name"] for r in static_frontier(STATIC)] == ["a", "b", "d"]
+
+
+def test_static_frontier_is_chosen_on_validation_not_on_the_test_split() -> None:
+    # "c" is lucky on test: a user choosing a subnet by validation would never pick it
+    lucky = [*STATIC[:2], {**STATIC[2], "test_accuracy": 0.99}, STATIC[3]]
+    assert [r["name"] for r in static_frontier(lucky)] == ["a", "b", "d"]
+    assert [r["name"] for r in static_frontier(lucky, key="test_accuracy")] == ["a", "b", "c"]
 
 
 def test_frontier_check_compares_best_accuracy_within_each_flops_level() -> None:
