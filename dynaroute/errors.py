@@ -33,3 +33,17 @@ class UnauthenticatedError(DynarouteError):
 
 class BundleError(DynarouteError):
     """A bundle directory is missing a file, has an unknown schema or mismatched weights."""
+
+
+# How much of a client's value an error message repeats: enough to recognise it, never so much
+# that the status details outgrow a client's metadata limit (gRPC's default is 8 KiB).
+ECHO_CHARS = 64
+
+
+def shown(value: object, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters (saying how long it was)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} chars" if isinstance(value, str) else f"{len(text)} chars as text"
+    return f"{text[:limit]}... ({size})"

@@ -1,10 +1,12 @@
 """Every Prometheus metric of dynaroute, declared once, in base units with fixed labels.
 
 CONTRACT (shared with the gRPC layer): the names and label sets below. Who records what:
-the engine records everything for each request that reaches `RayEngine.infer`, including
-`dynaroute_requests_total` (with the request's `api`) for the requests it answers or refuses;
-the servicers count in `dynaroute_requests_total`, via `record_request`, only the requests
-they refuse before calling the engine (a wire problem).
+`dynaroute_requests_total` counts calls (a unary call, or one message of a request stream),
+`dynaroute_rows_total` counts examples (a KServe call of N rows is one request and N rows).
+The engine records everything for each row that reaches `RayEngine.infer`, including both
+counters (`dynaroute_requests_total` only when `InferRequest.count_request`: the KServe
+servicer counts its calls itself); the servicers count in `dynaroute_requests_total`, via
+`record_request`, the requests they refuse before calling the engine (a wire problem).
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ _FLOPS_BUCKETS = tuple(float(10**e * m) for e in range(3, 12) for m in (1, 3))
 _RATIO_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REQUESTS = Counter("dynaroute_requests", "Requests by model, API and final status", ["model", "api", "status"])
+REQUESTS = Counter(
+    "dynaroute_requests", "Requests (calls, stream messages) by model, API and final status", ["model", "api", "status"]
+)
+ROWS = Counter(
+    "dynaroute_rows", "Examples answered or refused by the engine, by model, API and status", ["model", "api", "status"]
+)
+UNDECODABLE = Counter(
+    "dynaroute_undecodable_messages", "Request messages that are not valid protobuf, by API", ["api"]
+)
 REQUEST_DURATION = Histogram(
     "dynaroute_request_duration_seconds", "Request latency in the server", ["model"], buckets=_LATENCY_BUCKETS
 )
@@ -63,8 +73,6 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("dynaroute_queue_depth", "Requests waiting in a batch queue", ["model", "expert"])
 REPLICAS_LIVE = Gauge("dynaroute_expert_replicas_live", "Expert replicas able to take calls", ["model", "expert"])
 INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["model"])
-
-
 
 # The label values known in advance, whose children the engine creates at start (zero) so that
 # rate() and increase() see the first request, error or fallback rather than a series that
@@ -115,6 +123,7 @@ class ModelMetrics:
         for api in APIS:
             for status in STATUSES:
                 self.requests(api, status)
+                self.rows(api, status)
         self.child(FLOPS, "router")
         for subnet in subnets:
             self.child(FLOPS, subnet)
@@ -126,6 +135,9 @@ class ModelMetrics:
 
     def requests(self, api: str, status: str) -> Any:
         return self.child(REQUESTS, api, status)
+
+    def rows(self, api: str, status: str) -> Any:
+        return self.child(ROWS, api, status)
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (metric, *labels)

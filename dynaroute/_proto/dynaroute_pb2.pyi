@@ -57,20 +57,24 @@ class Outputs(_message.Message):
     def __init__(self, logits: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ..., label_name: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("subnets", "weights", "escalations", "exit_depths", "fallbacks", "policy")
+    __slots__ = ("subnets", "weights", "escalations", "exit_depths", "fallbacks", "policy", "budget_out_of_reach", "budget_note")
     SUBNETS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     ESCALATIONS_FIELD_NUMBER: _ClassVar[int]
     EXIT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_OUT_OF_REACH_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_NOTE_FIELD_NUMBER: _ClassVar[int]
     subnets: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
     escalations: int
     exit_depths: _containers.RepeatedScalarFieldContainer[int]
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
     policy: str
-    def __init__(self, subnets: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., escalations: _Optional[int] = ..., exit_depths: _Optional[_Iterable[int]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ...) -> None: ...
+    budget_out_of_reach: bool
+    budget_note: str
+    def __init__(self, subnets: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., escalations: _Optional[int] = ..., exit_depths: _Optional[_Iterable[int]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., budget_out_of_reach: _Optional[bool] = ..., budget_note: _Optional[str] = ...) -> None: ...
 
 class Cost(_message.Message):
     __slots__ = ("router_flops", "expert_flops", "total_flops", "full_flops", "flops_ratio", "queue_seconds", "compute_seconds", "total_seconds")

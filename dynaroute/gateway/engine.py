@@ -20,7 +20,14 @@ import torch
 from dynaroute import metrics
 from dynaroute.bundle import Bundle
 from dynaroute.config import EngineConfig, PlacementConfig
-from dynaroute.errors import DeadlineError, DynarouteError, InvalidInputError, ModelNotFoundError, UnavailableError
+from dynaroute.errors import (
+    DeadlineError,
+    DynarouteError,
+    InvalidInputError,
+    ModelNotFoundError,
+    UnavailableError,
+    shown,
+)
 from dynaroute.gateway.aggregate import SubnetAnswer, execute
 from dynaroute.gateway.batcher import MicroBatcher
 from dynaroute.gateway.deployment import create_actors, kill_actors, wait_ready
@@ -33,6 +40,7 @@ from dynaroute.gateway.dispatch import (
     ExpertUnavailableError,
     stack_rows,
 )
+from dynaroute.gateway.inputs import check_values
 from dynaroute.gateway.types import Cost, InferRequest, InferResult, RouteTaken
 from dynaroute.router.budget import Budget
 from dynaroute.router.policy import Route
@@ -78,6 +86,8 @@ class RayEngine:
         else:
             self._dtype = np.dtype(spec["dtype"])
             self._shape = tuple(int(d) for d in spec["shape"])
+            value_range = spec.get("value_range")  # bundles trained before it was recorded have none
+            self._value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         model = bundle.name
         pools = [
             ExpertPool(
@@ -209,7 +219,7 @@ class RayEngine:
                 return await self._infer(request, start)
             remaining = request.deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineError(f"request {request.id!r}: the deadline passed before it was started")
+                raise DeadlineError(f"request {shown(request.id)}: the deadline passed before it was started")
             try:
                 async with asyncio.timeout(remaining):
                     return await self._infer(request, start)
@@ -217,13 +227,16 @@ class RayEngine:
                 if isinstance(e, DynarouteError):
                     raise
                 raise DeadlineError(
-                    f"request {request.id!r}: no answer within its deadline ({remaining * 1e3:.1f} ms)"
+                    f"request {shown(request.id)}: no answer within its deadline ({remaining * 1e3:.1f} ms)"
                 ) from None
         except BaseException as e:
             error = e
             raise
         finally:
-            self._metrics.requests(request.api, metrics.status_of(error)).inc()
+            status = metrics.status_of(error)
+            if request.count_request:
+                self._metrics.requests(request.api, status).inc()
+            self._metrics.rows(request.api, status).inc()
             self._metrics.duration.observe(time.perf_counter() - start)
             self._metrics.inflight.dec()
             self._inflight -= 1
@@ -233,18 +246,24 @@ class RayEngine:
     async def _infer(self, request: InferRequest, start: float) -> InferResult:
         if request.model and request.model != self.model_name:
             raise ModelNotFoundError(
-                f"model {request.model!r} is not served here; this server serves {self.model_name!r}"
+                f"model {shown(request.model)} is not served here; this server serves {self.model_name!r}"
             )
         x = self._validate_input(request)
         budget = request.budget
         queue_s = compute_s = 0.0
+        policies = self.router.calibration.tables
+        if budget.policy is not None and budget.policy not in policies:  # checked even when a subnet is pinned
+            raise InvalidInputError(f"budget.policy {shown(budget.policy)} is unknown; this bundle is calibrated "
+                                    f"for {sorted(policies)}")
         if budget.subnet is not None:
             if budget.subnet not in self.dispatcher.pool_of:
-                raise InvalidInputError(f"budget.subnet {budget.subnet!r} is not a subnet of {self.model_name!r}; "
-                                        f"expected one of {self._subnets}")
+                raise InvalidInputError(f"budget.subnet {shown(budget.subnet)} is not a subnet of "
+                                        f"{self.model_name!r}; expected one of {self._subnets}")
+            resolution = None
             pinned = Route((budget.subnet,), (1.0,), policy="subnet")  # as RouterRuntime.plan pins
         else:
             pinned = None  # a budget with nothing set resolves to the router's default quality
+            resolution = self.router.resolve(budget)  # cached per budget; says when it was out of reach
         if pinned is not None and not self._text:
             route, row, router_ran = pinned, x, False  # nothing for the router to do
         elif self._inflight == 1 and not self._text and self._router_batcher.idle:
@@ -266,6 +285,10 @@ class RayEngine:
             return await self._run_subnet(subnet, row, bound, first_exit)
 
         outcome = await execute(route, run)
+        logits = np.asarray(outcome.logits, dtype=np.float32)
+        if not np.isfinite(logits).all():  # a bundle without a value range let an extreme input through
+            raise InvalidInputError("the model's answer to this input is not finite: its values are too far from "
+                                    "those it was trained on; expected inputs like its training data")
         router_flops = int(self.router.flops) if router_ran else 0
         cost = Cost(
             router_flops=router_flops,
@@ -276,7 +299,6 @@ class RayEngine:
             total_s=time.perf_counter() - start,
         )
         self._metrics.record(route, outcome, cost, router_ran)
-        logits = np.asarray(outcome.logits, dtype=np.float32)
         z = np.exp(logits - logits.max())
         label = int(z.argmax())
         return InferResult(
@@ -292,6 +314,8 @@ class RayEngine:
                 exit_depths=[a.depth for a in outcome.answers],
                 fallbacks=[s.fallback for s in outcome.steps if s.fallback],
                 policy=route.policy,
+                budget_out_of_reach=resolution is not None and not resolution.reachable,
+                budget_note="" if resolution is None else resolution.note,
             ),
             cost=cost,
         )
@@ -322,8 +346,7 @@ class RayEngine:
             if x.dtype.kind not in "biuf":
                 raise InvalidInputError(f"tensor has dtype {x.dtype.name}; expected {self._dtype.name}")
             x = x.astype(self._dtype)
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise InvalidInputError("tensor contains NaN or Inf; expected finite values")
+        check_values("tensor", x, self._value_range)
         return x
 
     # ---- the router, one batch at a time ----------------------------------------------------

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from dynaroute.errors import InvalidInputError
+from dynaroute.errors import InvalidInputError, shown
 
 # dtypes a tensor may be sent as (numpy names); anything else is not understood on the wire.
 WIRE_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+MAX_DIMS = 64  # numpy's own limit on an array's dimensions
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,18 @@ class InputSpec:
     dtype: str = "float32"
     shape: tuple[int, ...] = ()
     max_length: int = 0
+    value_range: tuple[float, float] | None = None  # the training inputs' [min, max], when the bundle has it
 
     @classmethod
     def from_model_info(cls, info: dict[str, Any]) -> InputSpec:
         spec = info["input"]
         if spec.get("kind") == "text":
             return cls("text", dtype="string", max_length=int(spec.get("max_length", 0)))
-        return cls("tensor", dtype=str(spec["dtype"]), shape=tuple(int(d) for d in spec["shape"]))
+        value_range = spec.get("value_range")
+        return cls(
+            "tensor", dtype=str(spec["dtype"]), shape=tuple(int(d) for d in spec["shape"]),
+            value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
+        )
 
     @property
     def is_text(self) -> bool:
@@ -45,16 +51,25 @@ class InputSpec:
 def decode_raw(field: str, dtype: str, shape: list[int], data: bytes) -> np.ndarray:
     """Raw little-endian row-major bytes -> array, after checking the dtype name and length."""
     if dtype not in WIRE_DTYPES:
-        raise InvalidInputError(f"{field}.dtype: {dtype!r} is not understood; expected one of {list(WIRE_DTYPES)}")
+        raise InvalidInputError(
+            f"{field}.dtype: {shown(dtype)} is not understood; expected one of {list(WIRE_DTYPES)}"
+        )
+    if len(shape) > MAX_DIMS:  # checked first: the byte count below multiplies every dimension
+        raise InvalidInputError(
+            f"{field}.shape: {len(shape)} dimensions ({shown(list(shape))}); numpy holds at most {MAX_DIMS}"
+        )
     if any(d < 0 for d in shape):
-        raise InvalidInputError(f"{field}.shape: {list(shape)} has a negative dimension")
+        raise InvalidInputError(f"{field}.shape: {shown(list(shape))} has a negative dimension")
     wire = np.dtype(dtype).newbyteorder("<")
     need = math.prod(shape) * wire.itemsize
     if len(data) != need:
         raise InvalidInputError(
-            f"{field}.data: {len(data)} bytes, but dtype {dtype} and shape {list(shape)} need {need} bytes"
+            f"{field}.data: {len(data)} bytes, but dtype {dtype} and shape {shown(list(shape))} need {need} bytes"
         )
-    return np.frombuffer(data, dtype=wire).astype(dtype).reshape(shape)  # a writable copy, native order
+    try:
+        return np.frombuffer(data, dtype=wire).astype(dtype).reshape(shape)  # a writable copy, native order
+    except ValueError as e:  # more dimensions than numpy holds, or a size past its index range
+        raise InvalidInputError(f"{field}.shape: {shown(list(shape))} is not an array numpy can build ({e})") from None
 
 
 def check_example(field: str, x: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -62,10 +77,34 @@ def check_example(field: str, x: np.ndarray, spec: InputSpec) -> np.ndarray:
     if str(x.dtype) != spec.dtype:
         raise InvalidInputError(f"{field}.dtype: got {x.dtype}, expected {spec.dtype}")
     if tuple(x.shape) != spec.shape:
-        raise InvalidInputError(f"{field}.shape: got {list(x.shape)}, expected {list(spec.shape)} (one example)")
+        raise InvalidInputError(
+            f"{field}.shape: got {shown(list(x.shape))}, expected {list(spec.shape)} (one example)"
+        )
+    check_values(field, x, spec.value_range)
+    return x
+
+
+def accepted_range(value_range: tuple[float, float]) -> tuple[float, float]:
+    """The values a tensor model accepts: its training range widened by the range's own span on
+    each side. Far enough out for inputs a little unlike the training data; close enough that
+    a value which overflows float32 inside the network (1e30: NaN logits) is refused."""
+    lo, hi = value_range
+    span = max(hi - lo, abs(hi), abs(lo), 1.0)
+    return lo - span, hi + span
+
+
+def check_values(field: str, x: np.ndarray, value_range: tuple[float, float] | None) -> None:
+    """Finite values, within the accepted range when the bundle knows its training range."""
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise InvalidInputError(f"{field}: contains NaN or Inf; expected finite values")
-    return x
+    if value_range is not None and x.size:
+        lo, hi = accepted_range(value_range)
+        low, high = float(x.min()), float(x.max())
+        if low < lo or high > hi:
+            raise InvalidInputError(
+                f"{field}: values from {low:g} to {high:g}, outside [{lo:g}, {hi:g}] (the training inputs "
+                f"spanned [{value_range[0]:g}, {value_range[1]:g}]); expected values in that range"
+            )
 
 
 def check_text(field: str, text: str) -> str:

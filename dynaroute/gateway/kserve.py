@@ -2,9 +2,12 @@
 
 A request holds one input of shape [N, ...example shape] (N >= 1; BYTES [N] or [N, 1] for
 text models); each row is one engine request, and all run concurrently. The budget comes from
-request parameters (quality, max_flops, target_accuracy, subnet, policy); the route and cost
-go back in response parameters: `route` and `cost` as JSON lists with one entry per row, plus
-scalar totals (total_flops, full_flops, flops_ratio) that plain KServe clients can read.
+request parameters (quality, max_flops, target_accuracy, subnet, policy; any other name is
+refused); the route and cost go back in response parameters: `route` and `cost` as JSON lists
+with one entry per row, plus scalar totals (total_flops, full_flops, flops_ratio) that plain
+KServe clients can read, and `budget_out_of_reach` (with `budget_note`) when no calibrated
+point met the budget. One call counts once in dynaroute_requests_total, its rows in
+dynaroute_rows_total.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any
 import grpc
 import numpy as np
 
+from dynaroute import metrics
 from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
-from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
 from dynaroute.gateway.status import record_request, status_for
@@ -66,7 +70,14 @@ def _param_value(p: pb.InferParameter) -> Any:
 
 
 def decode_budget(params: Any) -> Budget:
-    """The budget from request parameters; other parameters are ignored (clients add their own)."""
+    """The budget from request parameters; an unknown name is refused, not silently ignored
+    (a misspelt `qualty` would otherwise be served at the default budget)."""
+    unknown = sorted(set(params) - set(BUDGET_NUMBERS) - set(BUDGET_STRINGS))
+    if unknown:
+        names = ", ".join(shown(n) for n in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        raise InvalidInputError(
+            f"parameters: unknown name(s) {names}; expected some of {[*BUDGET_NUMBERS, *BUDGET_STRINGS]}"
+        )
     kwargs: dict[str, Any] = {}
     for key in BUDGET_NUMBERS:
         if key in params:
@@ -75,7 +86,7 @@ def decode_budget(params: Any) -> Budget:
                 try:
                     v = float(v)
                 except ValueError:
-                    raise InvalidInputError(f"parameters.{key}: {v!r} is not a number") from None
+                    raise InvalidInputError(f"parameters.{key}: {shown(v)} is not a number") from None
             if v is None or isinstance(v, bool):
                 raise InvalidInputError(f"parameters.{key}: expected a number (double or int64 parameter)")
             kwargs[key] = float(v)
@@ -138,9 +149,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _check_model(self, name: str, version: str, field: str = "name") -> None:
         if name != self.engine.model_name:
-            raise ModelNotFoundError(f"{field}: model {name!r} is not served here; expected {self.engine.model_name!r}")
+            raise ModelNotFoundError(
+                f"{field}: model {shown(name)} is not served here; expected {self.engine.model_name!r}"
+            )
         if version not in ("", VERSION):
-            raise ModelNotFoundError(f"version: model {name!r} has only version {VERSION!r}, not {version!r}")
+            raise ModelNotFoundError(f"version: model {shown(name)} has only version {VERSION!r}, not {shown(version)}")
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
         await context.abort(*status_for(e))
@@ -182,10 +195,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         t = req.inputs[0]
         field = "inputs[0]"
         if t.name != self.input_name:
-            raise InvalidInputError(f"{field}.name: got {t.name!r}, expected {self.input_name!r}")
+            raise InvalidInputError(f"{field}.name: got {shown(t.name)}, expected {self.input_name!r}")
         want = self.inputs[0].datatype
         if t.datatype != want:
-            raise InvalidInputError(f"{field}.datatype: got {t.datatype!r}, expected {want!r}")
+            raise InvalidInputError(f"{field}.datatype: got {shown(t.datatype)}, expected {want!r}")
         shape = [int(d) for d in t.shape]
         if self.spec.is_text:
             ok = len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)
@@ -194,7 +207,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             ok = len(shape) == len(self.spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == self.spec.shape
             expected = f"[N, {', '.join(map(str, self.spec.shape))}] with N >= 1"
         if not ok:
-            raise InvalidInputError(f"{field}.shape: got {shape}, expected {expected}")
+            raise InvalidInputError(f"{field}.shape: got {shown(shape)}, expected {expected}")
         count = math.prod(shape)
         np_name, contents_field = DATATYPES[want]
         if req.raw_input_contents:
@@ -236,7 +249,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = [o.name for o in req.outputs] or list(OUTPUTS)
         for n in names:
             if n not in OUTPUTS:
-                raise InvalidInputError(f"outputs: unknown output {n!r}; expected some of {list(OUTPUTS)}")
+                raise InvalidInputError(f"outputs: unknown output {shown(n)}; expected some of {list(OUTPUTS)}")
         return names
 
     def _encode(self, req: pb.ModelInferRequest, names: list[str], results: list[InferResult]) -> Any:
@@ -254,7 +267,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         routes = [
             {"subnets": r.route.subnets, "weights": r.route.weights, "escalations": r.route.escalations,
              "exit_depths": r.route.exit_depths, "fallbacks": r.route.fallbacks, "policy": r.route.policy,
-             "label_name": r.label_name}
+             "label_name": r.label_name, "budget_out_of_reach": r.route.budget_out_of_reach}
             for r in results
         ]
         costs = [
@@ -272,6 +285,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         params["full_flops"].int64_param = int(full)
         params["flops_ratio"].double_param = total / full if full else 0.0
         params["rows"].int64_param = n
+        # Every row has the call's budget, so one flag says it for all of them.
+        params["budget_out_of_reach"].bool_param = results[0].route.budget_out_of_reach
+        if results[0].route.budget_out_of_reach:
+            params["budget_note"].string_param = results[0].route.budget_note
         return resp
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -296,13 +313,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         requests = [
             InferRequest(
                 model=name, id=f"{request.id}/{i}" if len(rows) > 1 else request.id, budget=budget,
-                deadline=deadline, api=API, **({"text": r} if isinstance(r, str) else {"tensor": r}),
+                deadline=deadline, api=API, count_request=False,
+                **({"text": r} if isinstance(r, str) else {"tensor": r}),
             )
             for i, r in enumerate(rows)
         ]
         try:
-            # Each row is one engine request (which counts it); they run concurrently.
+            # Each row is one engine request (which counts it in dynaroute_rows_total); they run
+            # concurrently. The call is counted here, once, with its final status.
             results = await asyncio.gather(*(self.engine.infer(r) for r in requests))
-        except Exception as e:  # noqa: BLE001
+        except BaseException as e:
+            metrics.record_request(name, API, metrics.status_of(e))
+            if not isinstance(e, Exception):  # cancelled: the caller has gone
+                raise
             await context.abort(*status_for(e))
+        metrics.record_request(name, API, "ok")
         return self._encode(request, names, list(results))

@@ -12,7 +12,8 @@ import grpc
 
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
-from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
+from dynaroute.gateway.decoding import Undecodable
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_raw
 from dynaroute.gateway.status import record_request, status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
@@ -86,6 +87,7 @@ def encode_result(result: InferResult, model: str) -> pb.InferReply:
         route=pb.Route(
             subnets=route.subnets, weights=route.weights, escalations=route.escalations,
             exit_depths=route.exit_depths, fallbacks=route.fallbacks, policy=route.policy,
+            budget_out_of_reach=route.budget_out_of_reach, budget_note=route.budget_note,
         ),
         cost=pb.Cost(
             router_flops=cost.router_flops, expert_flops=cost.expert_flops, total_flops=cost.flops,
@@ -123,7 +125,7 @@ class NativeServicer(pb_grpc.DynarouteServicer):
 
     def _check_model(self, name: str) -> None:
         if name and name != self.engine.model_name:
-            raise ModelNotFoundError(f"model: {name!r} is not served here; expected {self.engine.model_name!r}")
+            raise ModelNotFoundError(f"model: {shown(name)} is not served here; expected {self.engine.model_name!r}")
 
     def decode(self, msg: pb.InferRequest, deadline: float | None) -> InferRequest:
         """Wire request -> engine request; raises InvalidInputError / ModelNotFoundError."""
@@ -163,30 +165,35 @@ class NativeServicer(pb_grpc.DynarouteServicer):
             await context.abort(*status_for(e))
         return encode_result(result, self.engine.model_name)
 
-    async def _stream_one(self, msg: pb.InferRequest, deadline: float | None) -> pb.InferStreamReply:
+    async def _stream_one(self, msg: pb.InferRequest | Undecodable, deadline: float | None) -> pb.InferStreamReply:
+        # A message that did not decode has no id to answer with: its reply's id is empty.
+        msg_id, model = ("", "") if isinstance(msg, Undecodable) else (msg.id, msg.model)
         try:
             try:
+                if isinstance(msg, Undecodable):
+                    raise InvalidInputError(msg.message)
                 engine_request = self.decode(msg, deadline)
             except Exception as e:
-                record_request(self._model_label(msg.model), API, status_for(e)[0])
+                record_request(self._model_label(model), API, status_for(e)[0])
                 raise
             result = await self.engine.infer(engine_request)
         except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on
             code, message = status_for(e)
             error = pb.Error(code=code.value[0], code_name=code.name, message=message)
-            return pb.InferStreamReply(id=msg.id, error=error)
-        return pb.InferStreamReply(id=msg.id, reply=encode_result(result, self.engine.model_name))
+            return pb.InferStreamReply(id=msg_id, error=error)
+        return pb.InferStreamReply(id=msg_id, reply=encode_result(result, self.engine.model_name))
 
     async def InferStream(
-        self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.InferRequest | Undecodable], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferStreamReply]:
         """Requests run concurrently (at most `max_stream_inflight` at once: reading waits for a
-        slot, which is the backpressure); replies leave in completion order."""
+        slot, which is the backpressure); replies leave in completion order. A message that did
+        not decode (gateway.decoding) gets an INVALID_ARGUMENT error reply, with an empty id."""
         deadline = deadline_of(context)
         replies: asyncio.Queue[pb.InferStreamReply | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_stream_inflight)
 
-        async def one(msg: pb.InferRequest) -> None:
+        async def one(msg: pb.InferRequest | Undecodable) -> None:
             try:
                 replies.put_nowait(await self._stream_one(msg, deadline))
             finally:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
 
 from dynaroute import metrics
+from dynaroute.gateway.decoding import Continuation
 
 # Method prefixes that answer without a token: only the standard health service.
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
@@ -121,7 +122,7 @@ async def _drain(requests: AsyncIterator[bytes]) -> None:
 
     try:
         await asyncio.wait_for(read(), REFUSED_STREAM_DRAIN_S)
-    except (asyncio.TimeoutError, grpc.RpcError):
+    except (TimeoutError, grpc.RpcError):
         pass
 
 
@@ -181,9 +182,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return None
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._exempt):

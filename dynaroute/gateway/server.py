@@ -3,8 +3,9 @@
 Start-up: join or start Ray, open the gRPC port with health NOT_SERVING, start the engine
 (router in this process, experts as Ray actors), then report SERVING and print one ready line
 (the ports, for scripts and tests that pass port 0). SIGTERM or SIGINT drains: health turns
-NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, the server stops, the
-actors are killed, and Ray is shut down if this process started it.
+NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, the connections are cut (a
+call still arriving fails as UNAVAILABLE), the server stops, the actors are killed, and Ray is
+shut down if this process started it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -25,8 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from dynaroute._proto import dynaroute_pb2, dynaroute_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from dynaroute.config import EngineConfig, ServerConfig
 from dynaroute.errors import BundleError, UnavailableError
+from dynaroute.gateway.decoding import DecodeGuardInterceptor
 from dynaroute.gateway.kserve import KServeServicer
 from dynaroute.gateway.native import NativeServicer
+from dynaroute.gateway.status import record_request
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,10 @@ log = logging.getLogger(__name__)
 NATIVE_SERVICE = dynaroute_pb2.DESCRIPTOR.services_by_name["Dynaroute"].full_name
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICES = ("", NATIVE_SERVICE, KSERVE_SERVICE)  # "" is the whole server
+APIS = {NATIVE_SERVICE: "native", KSERVE_SERVICE: "kserve"}  # service -> metrics `api` label
+# The unary inference methods, whose undecodable requests count in dynaroute_requests_total
+# (InferStream's messages are counted by its servicer, one by one).
+UNARY_INFERENCE = {f"/{NATIVE_SERVICE}/Infer": "native", f"/{KSERVE_SERVICE}/ModelInfer": "kserve"}
 
 
 class EngineSlot:
@@ -75,6 +84,52 @@ async def quiesce(slot: EngineSlot, limit_s: float, quiet_s: float = 0.5) -> Non
         await asyncio.sleep(quiet_s / 4)
 
 
+def _socket_fds(port: int) -> list[int]:
+    """This process's file descriptors of TCP sockets whose local port is `port` (the listener and
+    every accepted connection), from /proc (Linux; elsewhere none are found)."""
+    inodes: set[str] = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:  # "sl local_address rem_address st ... inode ..."; the address is "HEX_IP:HEX_PORT"
+            fields = row.split()
+            if len(fields) > 9 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    fds = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:[") and link[len("socket:[") : -1] in inodes:
+            fds.append(int(name))
+    return fds
+
+
+def sever_connections(port: int) -> int:
+    """Shut down (not close: gRPC still owns the descriptors) the listener and every connection
+    on `port`, so that each call still arriving fails on the client as UNAVAILABLE (connection
+    lost, or refused). Stopping the gRPC server with clients still sending would instead answer
+    the calls it had accepted but not yet handed to a handler with CANCELLED (grpc/grpc#41785).
+    gRPC logs once that its acceptor closed. Returns how many sockets were shut."""
+    count = 0
+    for fd in _socket_fds(port):
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:  # a duplicate: closing it leaves gRPC's open
+                sock.shutdown(socket.SHUT_RDWR)
+            count += 1
+        except OSError:  # already closed, or not connected
+            continue
+    return count
+
+
 def _model_label(slot: EngineSlot) -> str:
     # As the servicers label what they refuse: the served model, "unknown" while starting.
     return slot.engine.model_name if slot.engine is not None else "unknown"
@@ -87,12 +142,20 @@ def _set_health(servicer: health.aio.HealthServicer, status: int) -> asyncio.Fut
 def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """The gRPC server with both APIs, health (NOT_SERVING until told) and reflection; bound,
     not started. Returns it, its health servicer and the bound port."""
-    interceptors = []
-    if config.auth_token_file:
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.auth_token_file:  # first: a refused call is never decoded
         from dynaroute.gateway.security import BearerTokenInterceptor, count_rejected, read_token_file
 
-        on_rejected = count_rejected({NATIVE_SERVICE: "native", KSERVE_SERVICE: "kserve"}, lambda: _model_label(slot))
+        on_rejected = count_rejected(APIS, lambda: _model_label(slot))
         interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file), on_rejected=on_rejected))
+
+    def on_undecodable(method: str) -> None:
+        if method in UNARY_INFERENCE:
+            record_request(_model_label(slot), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
+
+    interceptors.append(
+        DecodeGuardInterceptor(APIS, per_message=[f"/{NATIVE_SERVICE}/InferStream"], on_undecodable=on_undecodable)
+    )
     # The transport accepts up to 4x the limit so that a merely too-large request reaches the
     # servicers and gets INVALID_ARGUMENT naming the limit; beyond that gRPC itself refuses it
     # (RESOURCE_EXHAUSTED) before reading it into memory.
@@ -165,6 +228,9 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
         if engine is not None:
             await engine.drain()
             await quiesce(slot, config.grace_s)
+        # Every call in flight has been answered; calls still coming are cut at the socket, so
+        # that none is answered CANCELLED by the server's stop.
+        sever_connections(port)
         await server.stop(config.grace_s)
         if engine is not None:
             await engine.close()

@@ -21,6 +21,10 @@ from dynaroute.errors import (
 
 log = logging.getLogger(__name__)
 
+# Status details longer than this are cut (values echoed from a request are already cut with
+# errors.shown; this bounds whatever else a message holds, e.g. a long list of names).
+MAX_DETAILS_CHARS = 2048
+
 # Most specific first: InvalidInputError is also a ValueError, DeadlineError a TimeoutError.
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -37,9 +41,15 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     traceback logged here (the client gets the message, never the traceback)."""
     for cls, code in STATUS_CODES:
         if isinstance(exc, cls):
-            return code, str(exc)
+            return code, _bounded(str(exc))
     log.error("internal error while serving a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, _bounded(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return f"{message[: MAX_DETAILS_CHARS - 40]}... ({len(message)} chars, cut)"
 
 
 def status_label(code: grpc.StatusCode) -> str:

@@ -23,6 +23,9 @@ class InferRequest:
     budget: Budget = field(default_factory=Budget)
     deadline: float | None = None  # time.monotonic() by which the reply is due
     api: str = "native"  # which gRPC API it came in by ("native" or "kserve"), for metrics labels
+    # Whether the engine counts it in dynaroute_requests_total (a KServe row is not: the servicer
+    # counts the call); every row is counted in dynaroute_rows_total.
+    count_request: bool = True
 
 
 @dataclass
@@ -33,6 +36,8 @@ class RouteTaken:
     exit_depths: list[int] = field(default_factory=list)  # depth each subnet's answer left at
     fallbacks: list[str] = field(default_factory=list)  # "wanted->used" when an expert was down
     policy: str = ""
+    budget_out_of_reach: bool = False  # no calibrated point met the budget; `budget_note` says what was used
+    budget_note: str = ""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dynaroute.bundle import Bundle, check_weights
-from dynaroute.errors import BundleError, InvalidInputError
+from dynaroute.errors import BundleError, InvalidInputError, shown
 from dynaroute.router.budget import Budget
 from dynaroute.router.calibration import CalibrationTable, Resolution
 from dynaroute.router.model import Router, build_router
@@ -96,7 +96,7 @@ class RouterRuntime:
         if budget.subnet is not None:
             if budget.subnet not in self.subnet_names:
                 raise InvalidInputError(
-                    f"unknown subnet {budget.subnet!r}; expected one of {', '.join(self.subnet_names)}"
+                    f"unknown subnet {shown(budget.subnet)}; expected one of {', '.join(self.subnet_names)}"
                 )
             return Route((budget.subnet,), (1.0,), policy="subnet")
         point = self.resolve(budget).point

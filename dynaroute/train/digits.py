@@ -69,7 +69,9 @@ def _train_digits(
     manifest = {
         "name": name,
         "task": {"kind": "classification", "labels": [str(i) for i in range(model_config.num_classes)]},
-        "input": {"kind": "tensor", "dtype": "float32", "shape": [model_config.in_features]},
+        # value_range: what the gateway refuses inputs far outside of (their logits overflow).
+        "input": {"kind": "tensor", "dtype": "float32", "shape": [model_config.in_features],
+                  "value_range": [float(splits.train.x.min()), float(splits.train.x.max())]},
         "supernet": {
             "family": SlimmableMLP.family,
             "config": model_config.to_dict(),

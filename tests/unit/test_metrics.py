@@ -14,6 +14,8 @@ from dynaroute.router.policy import Route
 
 CONTRACT = {
     "dynaroute_requests": ("counter", {"model", "api", "status"}),
+    "dynaroute_rows": ("counter", {"model", "api", "status"}),
+    "dynaroute_undecodable_messages": ("counter", {"api"}),
     "dynaroute_request_duration_seconds": ("histogram", {"model"}),
     "dynaroute_request_queue_seconds": ("histogram", {"model"}),
     "dynaroute_request_compute_seconds": ("histogram", {"model"}),
@@ -52,6 +54,8 @@ def test_every_contract_metric_is_exposed_with_its_labels():
     m = metrics.ModelMetrics("contract-model")
     _cascade_request(m)
     metrics.REQUESTS.labels("contract-model", "native", "ok").inc()
+    metrics.ROWS.labels("contract-model", "native", "ok").inc()
+    metrics.UNDECODABLE.labels("native").inc()
     metrics.BATCH_SIZE.labels("contract-model", "expert-0").observe(4)
     metrics.QUEUE_DEPTH.labels("contract-model", "expert-0").set(0)
     metrics.REPLICAS_LIVE.labels("contract-model", "expert-0").set(1)
@@ -62,7 +66,8 @@ def test_every_contract_metric_is_exposed_with_its_labels():
         assert name in families, f"{name} is not exposed"
         fam = families[name]
         assert fam.type == kind, f"{name} is a {fam.type}, the contract says {kind}"
-        ours = [s for s in fam.samples if s.labels.get("model") == "contract-model"]
+        # Metrics without a model label (undecodable messages: no model can be read) count too.
+        ours = [s for s in fam.samples if s.labels.get("model", "contract-model") == "contract-model"]
         assert ours, f"{name} has no sample for the model"
         assert {k for k in ours[0].labels if k != "le"} == labels, f"{name} labels {ours[0].labels}"
 
@@ -116,6 +121,7 @@ def test_known_children_exist_at_zero_from_the_start_so_rate_sees_the_first_incr
     for api in ("native", "kserve"):
         for status in ("ok", "invalid_argument", "resource_exhausted", "unavailable", "unauthenticated", "internal"):
             assert present("dynaroute_requests_total", api=api, status=status) == 0, (api, status)
+            assert present("dynaroute_rows_total", api=api, status=status) == 0, (api, status)
     for subnet in ("router", "small", "big"):
         assert present("dynaroute_flops_total", subnet=subnet) == 0
     for subnet in ("small", "big"):
