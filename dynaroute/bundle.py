@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from dynaroute.errors import BundleError
 from dynaroute.experts.base import DynamicModel, StagedModule
@@ -27,8 +27,14 @@ MANIFEST = "manifest.json"
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
-    """Write a module's state dict as safetensors (contiguous copies, shared tensors split)."""
-    save_file({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
+    """Write a module's state dict as safetensors (contiguous copies, shared tensors split),
+    atomically, with the mode any new file gets (0644 under the usual umask): safetensors'
+    own `save_file` creates it 0600, which another user serving the bundle cannot read."""
+    data = save({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

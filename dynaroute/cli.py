@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# `train` options that only one task reads: given to the other, they would be ignored silently.
+SST2_ONLY = ("data", "max_length", "max_examples", "base_model", "steps", "teacher_epochs", "teacher_steps",
+             "width_steps", "depth_steps", "val_examples", "router_examples", "test_examples", "batch_size", "threads")
+DIGITS_ONLY = ("paths",)
 
 
 def _train(args: argparse.Namespace) -> int:
+    others_only = SST2_ONLY if args.task == "digits" else DIGITS_ONLY
+    ignored = [name for name in others_only if getattr(args, name) is not None]
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        other = "sst2" if args.task == "digits" else "digits"
+        print(f"dynaroute train {args.task}: {flags} only apply to `train {other}`", file=sys.stderr)
+        return 2
     if args.task == "digits":
         from dynaroute.experts.mlp import MLPConfig
         from dynaroute.train.digits import train_digits
@@ -14,14 +27,16 @@ def _train(args: argparse.Namespace) -> int:
 
         bundle = train_digits(
             args.out,
-            MLPConfig(num_paths=args.paths),
+            MLPConfig(num_paths=1 if args.paths is None else args.paths),
             SupernetTrainConfig(epochs=args.epochs or SupernetTrainConfig.epochs, seed=args.seed),
             name=args.name or "digits",
         )
         print(f"wrote bundle {bundle.name!r} to {args.out} in {bundle.manifest['train_seconds']} s")
         return 0
-    from dynaroute.train.text import main_sst2
+    from dynaroute.train.text import SST2TrainConfig, main_sst2
 
+    if args.max_length is None:
+        args.max_length = SST2TrainConfig.max_length
     return main_sst2(args)
 
 
@@ -59,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name (default: the task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--paths", type=int, default=1, help="digits: number of path branches")
+    p.add_argument("--paths", type=int, default=None, help="digits: number of path branches (default 1)")
     p.add_argument("--data", default=None, help="sst2: folder with train.tsv and dev.tsv")
-    p.add_argument("--max-length", type=int, default=64, help="sst2: maximum tokens per sentence")
+    p.add_argument("--max-length", type=int, default=None, help="sst2: maximum tokens per sentence (default 64)")
     p.add_argument("--max-examples", type=int, default=None, help="sst2: use at most this many training examples")
     p.add_argument("--base-model", default=None, help="sst2: local BERT folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--steps", type=int, default=None, help="sst2: cap the steps of each stage (tiny runs)")
@@ -91,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464)
     p.add_argument("--metrics-host", default="127.0.0.1")
-    p.add_argument("--ray-address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--ray-address", default=None,
+                   help="join the Ray cluster at HOST:PORT (default: start a local Ray of its own, on 127.0.0.1)")
     p.add_argument("--placement", default=None, help="JSON file mapping subnets to actors and resources")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -102,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="larger requests: INVALID_ARGUMENT")
     p.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls to finish")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--ready-timeout-s", type=float, default=120.0,
+                   help="how long to wait for a node that can hold the placement (on a joined cluster), then "
+                   "for the expert actors to load")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("infer", help="send one input to a server and print label, route and cost")
@@ -133,7 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        # The reader went away (`dynaroute infer | head`): stop quietly, as a Unix tool does on
+        # SIGPIPE, and point stdout at /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool that SIGPIPE ended
+    return code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
@@ -184,8 +186,46 @@ def load_tensor(path: str, dtype: str | None) -> np.ndarray:
     if p.suffix == ".npy":
         return np.load(p, allow_pickle=False)
     if p.suffix == ".json":
-        return np.asarray(json.loads(p.read_text()), dtype=dtype)
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--tensor {path}: not JSON ({e})") from None
+        # A bare number or a nested list of numbers; numpy would make an object array of a
+        # dict or of ragged lists, or raise TypeError deep inside.
+        if not isinstance(data, list | int | float) or isinstance(data, bool):
+            kind = {dict: "an object", str: "a string", bool: "true or false"}.get(type(data), "null")
+            raise ValueError(f"--tensor {path}: expected a JSON array of numbers (one example), got {kind}")
+        try:
+            return np.asarray(data, dtype=dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--tensor {path}: expected a JSON array of numbers (nested lists of one shape), "
+                             f"which this is not ({e})") from None
     raise ValueError(f"--tensor: {path!r} must end in .npy or .json")
+
+
+def reply_as_json(message: Message) -> dict[str, Any]:
+    """A reply as a JSON-ready dict, 64-bit integers as numbers. Proto3's JSON mapping writes
+    int64 as strings (JavaScript's numbers are doubles); a script reading `infer --json`
+    expects numbers, and Python's json reads any integer exactly."""
+    out = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    _int64_as_numbers(message.DESCRIPTOR, out)
+    return out
+
+
+_INT64 = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+
+
+def _int64_as_numbers(descriptor: Descriptor, d: dict[str, Any]) -> None:
+    for f in descriptor.fields:
+        if f.name not in d:
+            continue
+        repeated = isinstance(d[f.name], list)
+        values = d[f.name] if repeated else [d[f.name]]
+        if f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            for v in values:
+                _int64_as_numbers(f.message_type, v)
+        elif f.cpp_type in _INT64:
+            d[f.name] = [int(v) for v in values] if repeated else int(values[0])
 
 
 def format_reply(reply: pb.InferReply) -> str:
@@ -226,8 +266,7 @@ def main_infer(args: argparse.Namespace) -> int:
         print(f"dynaroute infer: {e}", file=sys.stderr)
         return 2
     if args.json:
-        as_dict = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        print(json.dumps(as_dict))
+        print(json.dumps(reply_as_json(reply)))
     else:
         print(format_reply(reply))
     return 0

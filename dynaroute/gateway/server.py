@@ -249,30 +249,44 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
     )
     placement = PlacementConfig.from_file(args.placement) if args.placement else None
-    engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement)
+    engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
+                          ready_timeout_s=args.ready_timeout_s)
     return server, engine
 
 
 def main_serve(args: argparse.Namespace) -> int:
-    """`dynaroute serve`: start (or join) Ray, serve until SIGTERM, clean up, exit 0."""
-    import ray
+    """`dynaroute serve`: check the bundle and placement, start a local Ray (or join
+    --ray-address), serve until SIGTERM, clean up, exit 0."""
+    from dynaroute.bundle import Bundle
+    from dynaroute.gateway import raycluster
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # What can be checked without Ray is checked first: starting or joining Ray takes seconds
+    # to tens of seconds, and a typo should not wait for it.
     try:
         server_config, engine_config = configs_from_args(args)
-    except ValueError as e:
+        bundle = Bundle.load(args.bundle)
+        if engine_config.placement is not None:
+            engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+    except (BundleError, ValueError) as e:
         print(f"dynaroute serve: {e}", file=sys.stderr)
         return 2
-    started_ray = not ray.is_initialized() and args.ray_address is None
-    if args.ray_address is not None:
-        ray.init(address=args.ray_address, log_to_driver=False)
-    elif started_ray:
-        ray.init(include_dashboard=False, num_cpus=args.ray_num_cpus, log_to_driver=False)
+    started_ray = args.ray_address is None
     try:
+        if started_ray:
+            raycluster.start_local_ray(args.ray_num_cpus)
+        else:
+            raycluster.join_ray(args.ray_address)
+        from dynaroute.gateway.engine import RayEngine
+
+        placement = engine_config.placement or RayEngine.default_placement(bundle, engine_config)
+        raycluster.placement_wait(placement, engine_config.ready_timeout_s, can_grow=not started_ray)
         return asyncio.run(serve(args.bundle, server_config, engine_config))
-    except (BundleError, OSError, ValueError) as e:  # a bad bundle, a busy port, bad TLS files
+    except (BundleError, OSError, ValueError, UnavailableError) as e:  # Ray, a busy port, bad TLS files, slow experts
         print(f"dynaroute serve: {e}", file=sys.stderr)
         return 1
     finally:
         if started_ray:
+            import ray
+
             ray.shutdown()
