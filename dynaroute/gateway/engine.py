@@ -40,7 +40,7 @@ from dynaroute.gateway.dispatch import (
     ExpertUnavailableError,
     stack_rows,
 )
-from dynaroute.gateway.inputs import check_values
+from dynaroute.gateway.inputs import InputSpec, check_values
 from dynaroute.gateway.types import Cost, InferRequest, InferResult, RouteTaken
 from dynaroute.router.budget import Budget
 from dynaroute.router.policy import Route
@@ -86,8 +86,8 @@ class RayEngine:
         else:
             self._dtype = np.dtype(spec["dtype"])
             self._shape = tuple(int(d) for d in spec["shape"])
-            value_range = spec.get("value_range")  # bundles trained before it was recorded have none
-            self._value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
+            # None for bundles trained before the range was recorded (their answers are checked).
+            self._value_range = InputSpec.from_model_info({"input": spec}).value_range
         model = bundle.name
         pools = [
             ExpertPool(
