@@ -148,6 +148,34 @@ def test_ray_address_errors_are_one_line_and_fast(
     assert "actor 'remote' asks for CPU 0.25, node2 0.01" in _one_line_error(done)
 
 
+def test_sigterm_ends_a_serve_waiting_for_a_node(
+    digits_bundle_dir: Path, tmp_path: Path, token_head: tuple[str, dict[str, str]]
+) -> None:
+    """While `serve` waits for a node that can hold its placement, SIGTERM still ends it."""
+    address, token_env = token_head
+    placement = tmp_path / "node2.json"
+    subnets = [s["name"] for s in Bundle.load(digits_bundle_dir).subnet_infos]
+    placement.write_text(json.dumps({"actors": [{"name": "remote", "subnets": subnets, "resources": {"node2": 1}}]}))
+    cmd = [sys.executable, "-m", "dynaroute", "serve", str(digits_bundle_dir), "--port", "0", "--metrics-port", "0",
+           "--ray-address", address, "--placement", str(placement), "--ready-timeout-s", "600"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=token_env)
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded by the test's timeout; ends if the process exits
+            lines.append(line)
+            if "waiting up to 600 s" in line:
+                break
+        assert "waiting up to 600 s" in lines[-1], "".join(lines)[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode is not None and "Traceback" not in rest, rest[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # ---- items 10 and 19: a local serve starts its own Ray, on loopback only ---------------------
 
 
