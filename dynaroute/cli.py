@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default=None, help="JSON file mapping subnets to actors and resources")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--max-queue-size", type=int, default=1024,
+                   help="requests waiting per queue (router, each expert) before RESOURCE_EXHAUSTED; also "
+                        "the most rows one request (a KServe batch) may hold (default: %(default)s)")
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")

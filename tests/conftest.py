@@ -39,7 +39,7 @@ def digits_server(digits_bundle_dir: Path):
     integration and e2e tests of the API; stopped with SIGTERM at the end of the session."""
     from tests.serving import ServerProcess
 
-    server = ServerProcess.start(digits_bundle_dir, "--max-message-bytes", "65536")
+    server = ServerProcess.start(digits_bundle_dir, "--max-message-bytes", str(1 << 20))
     yield server
     server.stop()
 

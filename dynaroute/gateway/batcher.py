@@ -10,8 +10,13 @@ When to send a batch:
   requests reach the loop one per turn, so waiting for company only while busy is what
   forms batches, and it costs an idle server nothing;
 - never more than `max_inflight` calls at once: beyond that, requests wait for a return.
-The queue is bounded: beyond `max_queue_size` waiting requests, `submit` raises
-OverloadedError instead of letting latency grow without bound.
+Admission: `submit` refuses at once (OverloadedError) an item that cannot be answered in time
+rather than letting it wait for its caller's deadline: when `max_queue_size` items already
+wait, or when the queue's measured drain rate says that the work ahead of it, and its own
+batch, would not be done before its `deadline`. Items of callers that gave up while waiting
+(deadline, cancellation) are dropped before their batch is sent. `admitted=True` skips the
+size bound for the rows of a request admitted whole at the door (a KServe batch): a request
+is refused or served in full, never in part.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from dynaroute.errors import OverloadedError, UnavailableError
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Weight of the newest batch in the drain rate's moving average: a few batches adapt it to a
+# new load, one slow call does not swing it.
+RATE_SMOOTHING = 0.2
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class MicroBatcher(Generic[T, R]):
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._rate: float | None = None  # items per second per call slot, measured (None: no batch yet)
+        self._inflight_items = 0  # items in the calls running
 
     @property
     def queue_depth(self) -> int:
@@ -93,15 +104,40 @@ class MicroBatcher(Generic[T, R]):
         m = self._max_inflight
         return max(1, m() if callable(m) else m)
 
-    async def submit(self, item: T) -> Batched[R]:
-        """Queue one item and wait for its result. Raises OverloadedError when the queue is full,
-        UnavailableError after close(). Cancelling the caller drops the item if not yet sent."""
+    @property
+    def drain_rate(self) -> float | None:
+        """Items per second this queue drains at (all call slots), as measured; None before the
+        first batch returned."""
+        return None if self._rate is None else self._rate * self._limit()
+
+    def expected_wait_s(self) -> float:
+        """How long an item queued now would take to be answered: the items ahead of it and its
+        own batch, behind the calls running, at the measured drain rate (0 before anything was
+        measured)."""
+        rate = self.drain_rate
+        if not rate:
+            return 0.0
+        ahead = self._inflight_items + len(self._pending)
+        return (ahead + min(len(self._pending) + 1, self.max_batch_size)) / rate
+
+    async def submit(self, item: T, deadline: float | None = None, admitted: bool = False) -> Batched[R]:
+        """Queue one item and wait for its result. `deadline`: time.monotonic() by which the
+        caller needs the answer. Raises OverloadedError when the queue is full (unless
+        `admitted`) or cannot answer before the deadline, UnavailableError after close().
+        Cancelling the caller drops the item if not yet sent."""
         if self._closed:
             raise UnavailableError(f"batcher {self.name!r} is closed")
-        if len(self._pending) >= self.max_queue_size:
+        if not admitted and len(self._pending) >= self.max_queue_size:
             raise OverloadedError(
                 f"queue {self.name!r} is full ({self.max_queue_size} waiting); retry later"
             )
+        if deadline is not None:
+            left, wait = deadline - time.monotonic(), self.expected_wait_s()
+            if wait > left:
+                raise OverloadedError(
+                    f"queue {self.name!r} holds {wait * 1e3:.0f} ms of work, more than the "
+                    f"{max(left, 0.0) * 1e3:.0f} ms left before the deadline; retry later"
+                )
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut, time.perf_counter()))
         self._arrivals += 1
@@ -154,6 +190,7 @@ class MicroBatcher(Generic[T, R]):
             if not batch:
                 return
             self._inflight += 1
+            self._inflight_items += len(batch)
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -182,6 +219,7 @@ class MicroBatcher(Generic[T, R]):
                 results: Sequence[R | BaseException] = await self._run_batch([e[0] for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
+                self._measure(len(batch), time.perf_counter() - start)  # a failed call says nothing of the rate
             except asyncio.CancelledError:
                 for _, fut, _ in batch:
                     if not fut.done():
@@ -199,8 +237,14 @@ class MicroBatcher(Generic[T, R]):
                     fut.set_result(Batched(r, start - t0, call_s, len(batch)))
         finally:
             self._inflight -= 1
+            self._inflight_items -= len(batch)
             if self._pending and not self._closed:
                 self._flush_if_allowed()
+
+    def _measure(self, n: int, call_s: float) -> None:
+        """Fold one returned batch into the drain rate (items per second of one call slot)."""
+        sample = n / max(call_s, 1e-6)
+        self._rate = sample if self._rate is None else (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample
 
     async def close(self) -> None:
         """Refuse new items, fail queued ones with UnavailableError, cancel running calls."""

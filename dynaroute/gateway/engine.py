@@ -25,6 +25,7 @@ from dynaroute.errors import (
     DynarouteError,
     InvalidInputError,
     ModelNotFoundError,
+    OverloadedError,
     UnavailableError,
     shown,
 )
@@ -184,6 +185,18 @@ class RayEngine:
         ]
         return info
 
+    def admit(self, rows: int) -> None:
+        """Admit a request of `rows` rows whole, or refuse it before any row is queued: one that
+        no queue of this server can ever hold is an input error naming the limit; one that does
+        not fit now is overload (retry later). Its rows are then sent with `admitted=True`."""
+        limit = self.config.max_queue_size
+        if rows > limit:
+            raise InvalidInputError(f"a request of {rows} rows is more than this server admits at once ({limit} rows, "
+                                    f"`dynaroute serve --max-queue-size`); send it in parts of at most {limit}")
+        if self._router_batcher.queue_depth + rows > limit:
+            raise OverloadedError(f"{rows} rows do not fit the router's queue now ({self._router_batcher.queue_depth} "
+                                  f"of {limit} waiting); retry later")
+
     async def drain(self) -> None:
         """Refuse new requests (UnavailableError) and wait for the in-flight ones."""
         self._draining = True
@@ -278,11 +291,11 @@ class RayEngine:
                 raise routed
             route, row, router_ran = routed
         else:
-            b = await self._router_batcher.submit((x, pinned or budget))
+            b = await self._router_batcher.submit((x, pinned or budget), request.deadline, request.admitted)
             (route, row, router_ran), queue_s, compute_s = b.value, b.queue_s, b.call_s
 
         async def run(subnet: str, bound: float | None, first_exit: int) -> SubnetAnswer:
-            return await self._run_subnet(subnet, row, bound, first_exit)
+            return await self._run_subnet(subnet, row, bound, first_exit, request.deadline, request.admitted)
 
         outcome = await execute(route, run)
         logits = np.asarray(outcome.logits, dtype=np.float32)
@@ -391,7 +404,8 @@ class RayEngine:
 
     # ---- one subnet on the experts, with fallback ---------------------------------------------
 
-    async def _run_subnet(self, subnet: str, row: Any, bound: float | None, first_exit: int = 1) -> SubnetAnswer:
+    async def _run_subnet(self, subnet: str, row: Any, bound: float | None, first_exit: int = 1,
+                          deadline: float | None = None, admitted: bool = False) -> SubnetAnswer:
         exclude: set[str] = set()
         reason = "expert_unavailable"
         b = math.inf if bound is None else float(bound)
@@ -403,7 +417,7 @@ class RayEngine:
                 )
             pool = self.dispatcher.pool_of[use]
             try:
-                r = await self._batchers[pool.name].submit((use, row, b, first_exit))
+                r = await self._batchers[pool.name].submit((use, row, b, first_exit), deadline, admitted)
             except ExpertUnavailableError:
                 exclude.add(pool.name)
                 continue

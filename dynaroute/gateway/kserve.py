@@ -299,6 +299,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             budget = decode_budget(request.parameters)
             names = self._requested_outputs(request)
             rows = self._decode_rows(request)
+            if len(rows) > 1:
+                self.engine.admit(len(rows))
         except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
             code, message = status_for(e)
             # Refused before the engine. Unknown names are not echoed into labels: a client must
@@ -313,7 +315,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         requests = [
             InferRequest(
                 model=name, id=f"{request.id}/{i}" if len(rows) > 1 else request.id, budget=budget,
-                deadline=deadline, api=API, count_request=False,
+                deadline=deadline, api=API, count_request=False, admitted=len(rows) > 1,
                 **({"text": r} if isinstance(r, str) else {"tensor": r}),
             )
             for i, r in enumerate(rows)

@@ -70,6 +70,9 @@ class EngineSlot:
     def model_info(self) -> dict[str, Any]:
         return self.get().model_info()
 
+    def admit(self, rows: int) -> None:
+        self.get().admit(rows)
+
     async def infer(self, request: InferRequest) -> InferResult:
         self.last_call = time.monotonic()
         return await self.get().infer(request)
@@ -250,7 +253,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     )
     placement = PlacementConfig.from_file(args.placement) if args.placement else None
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
-                          ready_timeout_s=args.ready_timeout_s)
+                          ready_timeout_s=args.ready_timeout_s, max_queue_size=args.max_queue_size)
     return server, engine
 
 

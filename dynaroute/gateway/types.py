@@ -26,6 +26,9 @@ class InferRequest:
     # Whether the engine counts it in dynaroute_requests_total (a KServe row is not: the servicer
     # counts the call); every row is counted in dynaroute_rows_total.
     count_request: bool = True
+    # A row of a request admitted whole at the door (`RayEngine.admit`): the queues' size bound
+    # does not refuse it, so a batch is served in full or refused in full, never in part.
+    admitted: bool = False
 
 
 @dataclass
@@ -81,6 +84,11 @@ class Engine(Protocol):
     def model_info(self) -> dict[str, Any]:
         """The bundle manifest's public part: input spec, labels, subnets (name, width, depth,
         path, flops, params, val_accuracy), router flops, calibration table."""
+        ...
+
+    def admit(self, rows: int) -> None:
+        """Admit a request of `rows` rows whole (its rows then go with `admitted=True`) or raise
+        InvalidInputError (it can never fit) / OverloadedError (not now)."""
         ...
 
     async def infer(self, request: InferRequest) -> InferResult: ...

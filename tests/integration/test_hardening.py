@@ -156,7 +156,7 @@ def test_infer_stream_answers_every_good_message_around_an_undecodable_one(digit
 
 # -- 5: error details never echo a whole large value ------------------------------------------------
 
-LONG = "x" * 50_000  # under the server's --max-message-bytes 65536; gRPC's metadata limit is 8 KiB
+LONG = "x" * 50_000  # under the server's --max-message-bytes (1 MiB); gRPC's metadata limit is 8 KiB
 
 
 @pytest.mark.parametrize("field", ["subnet", "model", "policy"])
@@ -339,3 +339,43 @@ async def test_every_call_after_sigterm_is_unavailable_never_cancelled(rangeless
     assert code == 0, server.output()
     assert after_signal and grpc.StatusCode.UNAVAILABLE in after_signal
     assert set(after_signal) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(after_signal)
+
+
+def test_a_kserve_batch_the_server_can_hold_is_answered_whole_on_an_idle_server(digits_server, kserve, client):
+    spb, stub = kserve
+    rows = np.tile(load_digits_splits().test.x, (3, 1))[:1000]  # more rows than the router batches at once
+    resp = stub.ModelInfer(kserve_request(spb, digits_server.model, rows), timeout=120)
+    assert resp.parameters["rows"].int64_param == 1000
+    assert len(json.loads(resp.parameters["route"].string_param)) == 1000
+    assert_still_serving(client, rows)
+
+
+def test_a_kserve_batch_no_queue_can_hold_is_invalid_argument_naming_the_limit(digits_server, kserve, client, x):
+    spb, stub = kserve
+    rows = np.tile(x, (138, 1))[:1100]  # 1100 rows; the server admits 1024 (--max-queue-size)
+    e = refused(stub.ModelInfer, kserve_request(spb, digits_server.model, rows), timeout=60)
+    assert e.code() == INVALID and "--max-queue-size" in e.details() and "1100 rows" in e.details()
+    assert_still_serving(client, x)
+
+
+async def test_requests_that_cannot_meet_their_deadline_are_refused_as_overload(sst2_server, x):
+    # Far more work at once than the experts can finish within each call's deadline (the full
+    # text model, pinned): the expert queues know their drain rate, so calls that would miss the
+    # deadline are refused (RESOURCE_EXHAUSTED) instead of left to expire; the rest are answered.
+    sentence = "a gripping , funny and moving film that never lets its audience go"
+    async with AsyncClient(sst2_server.grpc_address) as c:
+        full = (await c.get_model()).full_subnet
+        await asyncio.gather(*(c.infer(text=sentence, subnet=full, timeout_s=60) for _ in range(32)))  # measure
+
+        async def one() -> grpc.StatusCode:
+            try:
+                await c.infer(text=sentence, subnet=full, timeout_s=0.3)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+
+        codes = await asyncio.gather(*(one() for _ in range(600)))
+        seen = set(codes)
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in seen, seen
+        assert seen <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, seen
+        assert (await c.infer(text=sentence, timeout_s=60)).outputs.label_name != ""  # still serving

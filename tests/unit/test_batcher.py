@@ -173,3 +173,46 @@ async def test_while_a_call_runs_new_requests_wait_for_company_at_most_max_wait(
     assert rec.batches == [[0], [1, 2]]  # max_wait sent them together, while the first still runs
     gate.set()
     await asyncio.gather(first, second, third)
+
+
+class Timed:
+    """A batch function that takes `per_item_s` per item of its batch (a worker at a fixed rate)."""
+
+    def __init__(self, per_item_s: float):
+        self.per_item_s = per_item_s
+        self.calls = 0
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.calls += 1
+        await asyncio.sleep(self.per_item_s * len(items))
+        return list(items)
+
+
+async def test_an_item_that_cannot_be_answered_before_its_deadline_is_refused_at_once():
+    b = make(Timed(0.01), max_batch_size=4, max_queue_size=1000)
+    assert b.drain_rate is None and b.expected_wait_s() == 0.0  # nothing measured: nothing refused
+    await b.submit(0)  # measures the drain rate: at most 100 items/s (sleeps last at least as asked)
+    assert b.drain_rate is not None
+    backlog = [asyncio.ensure_future(b.submit(i)) for i in range(40)]  # at least 0.4 s of work
+    await asyncio.sleep(0)
+    assert b.expected_wait_s() >= 0.3
+    with pytest.raises(OverloadedError, match="ms of work, more than"):
+        await b.submit(99, deadline=time.monotonic() + 0.05)
+    assert not backlog[-1].done()  # refused at the door, not after waiting behind the backlog
+    # a deadline the queue can meet is admitted and answered
+    assert (await b.submit(7, deadline=time.monotonic() + 60.0)).value == 7
+    assert [r.value for r in await asyncio.gather(*backlog)] == list(range(40))
+
+
+async def test_admitted_rows_are_not_refused_by_the_size_bound():
+    gate = asyncio.Event()
+    b = make(Recorder(gate), max_batch_size=2, max_queue_size=4)
+    first = asyncio.ensure_future(b.submit(0))  # holds the one call slot
+    await asyncio.sleep(0.01)
+    rows = [asyncio.ensure_future(b.submit(i, admitted=True)) for i in range(1, 11)]
+    await asyncio.sleep(0)
+    assert b.queue_depth == 10  # beyond max_queue_size: a request admitted whole
+    with pytest.raises(OverloadedError, match="is full"):
+        await b.submit(99)  # a new request still meets the bound
+    gate.set()
+    assert [r.value for r in await asyncio.gather(first, *rows)] == [2 * i for i in range(11)]
