@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,10 @@ class Bundle:
 
     root: Path
     manifest: dict[str, Any]
+    # The supernet built to check the weights' shapes in `load`; the first `supernet()` call loads
+    # the weights into it rather than building another (a BERT takes a noticeable share of an
+    # expert actor's start).
+    _checked: DynamicModel | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> Bundle:
@@ -100,7 +104,8 @@ class Bundle:
         for rel in bundle.files():
             if not (root / rel).is_file():
                 raise BundleError(f"bundle {str(root)!r} is missing file {rel!r} named in {MANIFEST}")
-        check_weights(bundle._build_supernet(), root / manifest["supernet"]["weights"], "supernet")
+        bundle._checked = bundle._build_supernet()
+        check_weights(bundle._checked, root / manifest["supernet"]["weights"], "supernet")
         return bundle
 
     def files(self) -> list[str]:
@@ -147,7 +152,8 @@ class Bundle:
             raise BundleError(f"{MANIFEST}: bad supernet config for family {s.get('family')!r}: {e}") from e
 
     def supernet(self) -> DynamicModel:
-        model = self._build_supernet()
+        """A new supernet with the bundle's weights (each call returns its own)."""
+        model, self._checked = self._checked or self._build_supernet(), None
         model.load_state_dict(load_file(str(self.root / self.manifest["supernet"]["weights"])))
         return model.eval()
 

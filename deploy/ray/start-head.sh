@@ -28,6 +28,9 @@ ray get-auth-token --generate >/dev/null
 # cores to the gateway (router, batching) and puts every expert on a worker.
 # The dashboard process (loopback only, behind the token) is what writes the list of Ray's
 # metrics endpoints that Prometheus follows (deploy/prometheus); it needs `ray[default]`.
+# Experts at the gateway's priority, not Ray's default nice 15: under load a restarted expert
+# otherwise waits tens of seconds for CPU.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 # shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags on purpose.
 ray start --head --port "$RAY_PORT" --dashboard-host 127.0.0.1 --metrics-export-port "${RAY_METRICS_PORT:-8080}" \
     --num-cpus "${HEAD_NUM_CPUS:-2}" ${RAY_START_ARGS:-}

@@ -24,5 +24,8 @@ if [[ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" && -z "${RAY_AUTH_TOK
     echo "no Ray auth token: copy the head's ~/.ray/auth_token to this machine" >&2
     exit 1
 fi
+# Experts at the gateway's priority, not Ray's default nice 15: under load a restarted expert
+# otherwise waits tens of seconds for CPU.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 # shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags on purpose.
 ray start --address "$ADDRESS" --resources "$RESOURCES" --metrics-export-port "${RAY_METRICS_PORT:-8080}" ${RAY_START_ARGS:-}

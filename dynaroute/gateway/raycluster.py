@@ -38,6 +38,10 @@ def start_local_ray(num_cpus: int | None) -> None:
     if "ray" in sys.modules:
         log.warning("ray was imported before the local Ray was set up: it may listen beyond loopback")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Ray starts its workers at nice 15 so that drivers come first. Here the workers (the
+    # experts) are the work: at nice 15 beside a busy gateway, an expert restarted under load
+    # waited 40 to 58 s for CPU to import torch and load its subnets. The raylet reads this.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     ray.init(
