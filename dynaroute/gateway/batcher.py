@@ -36,6 +36,9 @@ R = TypeVar("R")
 # Weight of the newest batch in the drain rate's moving average: a few batches adapt it to a
 # new load, one slow call does not swing it.
 RATE_SMOOTHING = 0.2
+# An item is admitted only if the queue's work ahead of it fits this share of the time left: the
+# rest is for what follows the queue (aggregation, the reply's way back) and the estimate's error.
+ADMISSION_HEADROOM = 0.9
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class MicroBatcher(Generic[T, R]):
             )
         if deadline is not None:
             left, wait = deadline - time.monotonic(), self.expected_wait_s()
-            if wait > left:
+            if wait > ADMISSION_HEADROOM * left:
                 raise OverloadedError(
                     f"queue {self.name!r} holds {wait * 1e3:.0f} ms of work, more than the "
                     f"{max(left, 0.0) * 1e3:.0f} ms left before the deadline; retry later"

@@ -1,0 +1,172 @@
+"""Overload and expert restarts on the real server (issue 10 items 8 and 9).
+
+    .venv/bin/python benchmarks/bench_overload.py --bundle runs/sst2_bench [--factor 3] [--deadline-s 1]
+
+1. Capacity: the full subnet (pinned), 32 requests in flight, closed loop: requests per second.
+2. Overload: an open loop at `--factor` times that capacity for `--seconds`, every request with a
+   `--deadline-s` deadline. Prints what came back (OK, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+   other), the rate of successes against capacity, the p50 / p99 latency of successes and of
+   refusals. Admission control's targets: successes >= 0.9x capacity, p99 of successes under the
+   deadline, refusals answered within 50 ms.
+3. Restart: an open loop at half the capacity; the expert process that runs the full subnet is
+   killed (SIGKILL); prints the seconds until the full subnet answers again without a fallback.
+
+A text bundle makes the experts, not the gateway, the bottleneck (a digits request costs the
+gateway more than the experts). Train a small one with
+`dynaroute train sst2 --data DIR --out runs/sst2_bench --max-examples 400 --steps 2 --max-length 48`
+(accuracy does not matter here; the full model's cost is a real MiniLM's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from dynaroute.bundle import Bundle
+from dynaroute.client import AsyncClient
+from dynaroute.demo import start_server
+
+SENTENCES = [
+    "a gripping , funny and moving film that never lets its audience go",
+    "the plot is thin and the jokes fall flat for most of its running time",
+    "an intelligent , beautifully acted drama about families and what holds them together",
+    "it is a dull , plodding picture that mistakes length for depth",
+]
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1e3, q)) if seconds else float("nan")
+
+
+async def capacity(address: str, subnet: str, n: int, concurrency: int = 32) -> float:
+    async with AsyncClient(address, timeout_s=120) as c:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with slots:
+                await c.infer(text=SENTENCES[i % len(SENTENCES)], subnet=subnet)
+
+        await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return n / (time.perf_counter() - t0)
+
+
+async def open_loop(address: str, subnet: str, rate: float, seconds: float, deadline_s: float,
+                    on_reply=None) -> list[tuple[float, str, float]]:
+    """(sent at, status name, latency s) of every request of a Poisson-free, evenly spaced open loop."""
+    out: list[tuple[float, str, float]] = []
+    async with AsyncClient(address) as c:
+        async def one(i: int, t_sent: float) -> None:
+            try:
+                r = await c.infer(text=SENTENCES[i % len(SENTENCES)], subnet=subnet, timeout_s=deadline_s)
+                status = "OK"
+                if on_reply is not None:
+                    on_reply(time.monotonic(), r)
+            except grpc.aio.AioRpcError as e:
+                status = e.code().name
+            out.append((t_sent, status, time.monotonic() - t_sent))
+
+        tasks = []
+        start = time.monotonic()
+        i = 0
+        while (now := time.monotonic()) - start < seconds:
+            due = start + i / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            tasks.append(asyncio.create_task(one(i, time.monotonic())))
+            i += 1
+        await asyncio.gather(*tasks)
+    return out
+
+
+def expert_pids() -> list[int]:
+    """Ray expert actor processes on this machine (descendants of the server we started)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(b"ray::ExpertWorker"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def restart(address: str, subnet: str, rate: float, seconds: float) -> dict:
+    before = {p: cpu_ticks(p) for p in expert_pids()}
+    await open_loop(address, subnet, rate, 3.0, 10.0)
+    busiest = max(before, key=lambda p: cpu_ticks(p) - before[p])  # the one that ran `subnet`
+    replies: list[tuple[float, bool]] = []
+    killed_at: list[float] = []
+
+    async def kill_later() -> None:
+        await asyncio.sleep(3.0)
+        os.kill(busiest, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    killer = asyncio.create_task(kill_later())
+    results = await open_loop(address, subnet, rate, seconds, 10.0,
+                              on_reply=lambda t, r: replies.append((t, bool(r.route.fallbacks))))
+    await killer
+    t_kill = killed_at[0]
+    fell_back = [t for t, f in replies if f and t > t_kill]
+    back = [t for t, f in replies if not f and fell_back and t > fell_back[0]]
+    return {"killed_pid": busiest, "fallback_replies": len(fell_back),
+            "back_after_s": (back[0] - t_kill) if back else None,
+            "statuses": Counter(s for _, s, _ in results)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="runs/sst2_bench")
+    parser.add_argument("--factor", type=float, default=3.0, help="offered load / capacity")
+    parser.add_argument("--deadline-s", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the overload and restart runs")
+    parser.add_argument("--capacity-n", type=int, default=600)
+    args = parser.parse_args()
+    bundle = Bundle.load(args.bundle)
+    subnet = bundle.full_subnet
+    proc, address = start_server(Path(args.bundle))
+    try:
+        cap = asyncio.run(capacity(address, subnet, args.capacity_n))
+        print(f"capacity, {subnet} pinned, 32 in flight: {cap:.1f} req/s")
+        rate = args.factor * cap
+        res = asyncio.run(open_loop(address, subnet, rate, args.seconds, args.deadline_s))
+        statuses = Counter(s for _, s, _ in res)
+        ok = [lat for _, s, lat in res if s == "OK"]
+        refused = [lat for _, s, lat in res if s == "RESOURCE_EXHAUSTED"]
+        print(f"overload: {args.factor:g}x capacity ({rate:.0f} req/s offered) for {args.seconds:g} s, "
+              f"{args.deadline_s:g} s deadlines, {len(res)} requests: {dict(statuses)}")
+        ok_rate = len(ok) / args.seconds
+        print(f"  successes {ok_rate:.1f} req/s = {ok_rate / cap:.2f}x capacity (target >= 0.9x); p50 "
+              f"{percentile_ms(ok, 50):.0f} ms, p99 {percentile_ms(ok, 99):.0f} ms "
+              f"(target < {args.deadline_s * 1e3:.0f})")
+        print(f"  refusals p50 {percentile_ms(refused, 50):.1f} ms, p99 {percentile_ms(refused, 99):.1f} ms "
+              "(target < 50 ms)")
+        r = asyncio.run(restart(address, subnet, 0.5 * cap, args.seconds))
+        print(f"restart: killed expert pid {r['killed_pid']} under {0.5 * cap:.0f} req/s; "
+              f"{r['fallback_replies']} replies served by a fallback; the full subnet answered again "
+              f"{r['back_after_s'] if r['back_after_s'] is None else round(r['back_after_s'], 1)} s after the kill "
+              f"(target < 10 s); statuses {dict(r['statuses'])}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
