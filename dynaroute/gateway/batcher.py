@@ -123,6 +123,17 @@ class MicroBatcher(Generic[T, R]):
         ahead = self._inflight_items + len(self._pending)
         return (ahead + min(len(self._pending) + 1, self.max_batch_size)) / rate
 
+    def late_by_backlog(self, deadline: float) -> str | None:
+        """Why an item with this deadline would be refused now (None: admit it). Only work
+        ahead of it refuses it: on an idle queue an item runs, and its deadline decides."""
+        if not (self._inflight_items or self._pending):
+            return None
+        left, wait = deadline - time.monotonic(), self.expected_wait_s()
+        if wait <= ADMISSION_HEADROOM * left:
+            return None
+        return (f"queue {self.name!r} holds {wait * 1e3:.0f} ms of work, more than the "
+                f"{max(left, 0.0) * 1e3:.0f} ms left before the deadline; retry later")
+
     async def submit(self, item: T, deadline: float | None = None, admitted: bool = False) -> Batched[R]:
         """Queue one item and wait for its result. `deadline`: time.monotonic() by which the
         caller needs the answer. Raises OverloadedError when the queue is full (unless
@@ -134,13 +145,9 @@ class MicroBatcher(Generic[T, R]):
             raise OverloadedError(
                 f"queue {self.name!r} is full ({self.max_queue_size} waiting); retry later"
             )
-        if deadline is not None:
-            left, wait = deadline - time.monotonic(), self.expected_wait_s()
-            if wait > ADMISSION_HEADROOM * left:
-                raise OverloadedError(
-                    f"queue {self.name!r} holds {wait * 1e3:.0f} ms of work, more than the "
-                    f"{max(left, 0.0) * 1e3:.0f} ms left before the deadline; retry later"
-                )
+        late = None if deadline is None else self.late_by_backlog(deadline)
+        if late is not None:
+            raise OverloadedError(late)
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut, time.perf_counter()))
         self._arrivals += 1

@@ -30,7 +30,7 @@ from dynaroute.errors import (
     shown,
 )
 from dynaroute.gateway.aggregate import SubnetAnswer, execute
-from dynaroute.gateway.batcher import ADMISSION_HEADROOM, MicroBatcher
+from dynaroute.gateway.batcher import MicroBatcher
 from dynaroute.gateway.deployment import create_actors, kill_actors, wait_ready
 from dynaroute.gateway.dispatch import (
     Dispatcher,
@@ -406,14 +406,12 @@ class RayEngine:
 
     def _refuse_if_late(self, deadline: float, subnet: str | None) -> None:
         """Refuse at the door, before the router's work, a request no expert queue can answer
-        before its deadline: the pinned subnet's queue, or the least loaded one for a routed
-        request (it needs at least one). The queues check again when the row reaches them."""
+        before its deadline: the pinned subnet's queue, or every queue for a routed request
+        (it needs at least one). The queues check again when the row reaches them."""
         pools = [self.dispatcher.pool_of[subnet].name] if subnet is not None else list(self._batchers)
-        wait = min(self._batchers[p].expected_wait_s() for p in pools)
-        left = deadline - time.monotonic()
-        if wait > ADMISSION_HEADROOM * left:
-            raise OverloadedError(f"the experts hold {wait * 1e3:.0f} ms of work, more than the "
-                                  f"{max(left, 0.0) * 1e3:.0f} ms left before the deadline; retry later")
+        reasons = [self._batchers[p].late_by_backlog(deadline) for p in pools]
+        if all(reasons):
+            raise OverloadedError(str(reasons[0]))
 
     # ---- one subnet on the experts, with fallback ---------------------------------------------
 
