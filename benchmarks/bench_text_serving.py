@@ -1,7 +1,7 @@
 """Is the dynamic BERT's FLOPs saving real time? Requests/s through the gateway, same load.
 
     .venv/bin/python benchmarks/bench_text_serving.py --bundle runs/sst2_full \
-        [--data ../shared/data/sst2] [--budget-quality Q | --budget-target-accuracy A]
+        [--data data/sst2] [--budget-quality Q | --budget-target-accuracy A]
 
 Starts `dynaroute serve` on the bundle (local Ray, free ports), then sends SST-2 dev sentences
 with 32 requests in flight over one channel, first with the full subnet pinned, then at the
@@ -84,7 +84,7 @@ def cpu_ms_per_request(before: dict, after: dict, requests: int, server_pid: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="runs/sst2_full")
-    parser.add_argument("--data", default="../shared/data/sst2", help="folder with dev.tsv")
+    parser.add_argument("--data", default="data/sst2", help="folder with dev.tsv")
     parser.add_argument("--placement", default=None, help="placement JSON passed to `dynaroute serve`")
     parser.add_argument("--n", type=int, default=872, help="dev sentences to send per run")
     parser.add_argument("--repeats", type=int, default=3, help="alternating pinned/dynamic runs (medians reported)")

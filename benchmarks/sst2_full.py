@@ -1,6 +1,6 @@
 """The full SST-2 run (a benchmark, not a test): train or resume DynaBERT on SST-2, then report.
 
-    .venv/bin/python benchmarks/sst2_full.py --data ../shared/data/sst2 --out runs/sst2_full
+    .venv/bin/python benchmarks/sst2_full.py --data data/sst2 --out runs/sst2_full
 
 Prints the 12 static subnets' dev accuracy and measured FLOPs laid out as DynaBERT's paper
 (width rows x depth columns), the dynamic model at budgets, the oracle row, and writes
@@ -138,7 +138,7 @@ def plot_pareto(bundle: Bundle, report: dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/sst2")
+    parser.add_argument("--data", default="data/sst2")
     parser.add_argument("--out", default="runs/sst2_full")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
