@@ -25,6 +25,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -61,8 +62,9 @@ async def capacity(address: str, subnet: str, n: int, concurrency: int = 32) -> 
 
 
 async def open_loop(address: str, subnet: str, rate: float, seconds: float, deadline_s: float,
-                    on_reply=None) -> list[tuple[float, str, float]]:
-    """(sent at, status name, latency s) of every request of a Poisson-free, evenly spaced open loop."""
+                    on_reply: Callable[[float, object], None] | None = None) -> list[tuple[float, str, float]]:
+    """(sent at, status name, latency s) of every request of an open loop: requests evenly spaced
+    at `rate`, each sent on time whatever the replies do. `on_reply(time, reply)` sees each OK."""
     out: list[tuple[float, str, float]] = []
     async with AsyncClient(address) as c:
         async def one(i: int, t_sent: float) -> None:

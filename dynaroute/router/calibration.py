@@ -5,12 +5,13 @@ answer and FLOPs replayed (router FLOPs included). Each point has two accuracies
 
 - `accuracy`: its accuracy on the calibration rows;
 - `assured_accuracy`: the full model's accuracy plus a lower bound (ASSURANCE, by a paired
-  bootstrap over the rows) of the point's mean difference to the full model in the
-  probability given to the true class. A cheap point can tie the full model on a few hundred
-  rows by luck; the probability difference sees a barely confident small subnet as the risk it
-  is, and the bound makes a point that only matches the full model on the rows at hand pay for
-  that doubt. The full model (the `static` policy) scores exactly its own accuracy, so the top
-  of the quality range is never below it.
+  bootstrap over the rows) of the point's mean difference to the full model: the smaller of
+  the bounds on the difference in correctness and in the probability given to the true class
+  (`assured_accuracy()`). A cheap point can tie the full model on a few hundred rows by luck;
+  the probability difference sees a barely confident small subnet as the risk it is, and the
+  bound makes a point that only matches the full model on the rows at hand pay for that doubt.
+  The full model (the `static` policy) scores exactly its own accuracy, so the top of the
+  quality range is never below it.
 
 A policy's table keeps the points no cheaper point beats on both accuracies, cheapest first;
 the `auto` table merges all policies' points, so a budget without a policy gets whichever
