@@ -312,10 +312,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             record_request(model, API, code)
             await context.abort(code, message)
         deadline = deadline_of(context)
+        flow = object()  # this call's rows take turns with other calls in every queue
         requests = [
             InferRequest(
                 model=name, id=f"{request.id}/{i}" if len(rows) > 1 else request.id, budget=budget,
-                deadline=deadline, api=API, count_request=False, admitted=len(rows) > 1,
+                deadline=deadline, api=API, count_request=False, admitted=len(rows) > 1, flow=flow,
                 **({"text": r} if isinstance(r, str) else {"tensor": r}),
             )
             for i, r in enumerate(rows)
