@@ -18,8 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from dynaroute.errors import BundleError
-from dynaroute.experts.base import DynamicModel, StagedModule
-from dynaroute.experts.registry import build_model
+from dynaroute.experts.base import SUPERNET_FAMILIES, DynamicModel, StagedModule
 from dynaroute.experts.spec import SubnetSpec
 
 SCHEMA_VERSION = 1
@@ -146,10 +145,10 @@ class Bundle:
 
     def _build_supernet(self) -> DynamicModel:
         s = self.manifest["supernet"]
-        try:
-            return build_model(s["family"], s["config"])
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"{MANIFEST}: bad supernet config for family {s.get('family')!r}: {e}") from e
+        try:  # the family by name (dynaroute.registry): the same lookup in the gateway, eval and every actor
+            return SUPERNET_FAMILIES.build(s["family"], s["config"])
+        except BundleError as e:  # an unknown family (and how families are found), or a config it refuses
+            raise BundleError(f"{self.root / MANIFEST}: {e}") from e
 
     def supernet(self) -> DynamicModel:
         """A new supernet with the bundle's weights (each call returns its own)."""

@@ -29,7 +29,7 @@ from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
@@ -309,7 +309,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model = self.engine.model_name if name == self.engine.model_name else "unknown"
             except UnavailableError:
                 model = "unknown"
-            record_request(model, API, code)
+            metrics.record_refused(model, API, code)
             await context.abort(code, message)
         deadline = deadline_of(context)
         requests = [

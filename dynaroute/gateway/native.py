@@ -10,12 +10,13 @@ from typing import Any
 
 import grpc
 
+from dynaroute import metrics
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.decoding import Undecodable
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_raw
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
@@ -157,7 +158,7 @@ class NativeServicer(pb_grpc.DynarouteServicer):
             engine_request = self.decode(request, deadline_of(context))
         except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
             code, message = status_for(e)
-            record_request(self._model_label(request.model), API, code)  # refused before the engine
+            metrics.record_refused(self._model_label(request.model), API, code)  # refused before the engine
             await context.abort(code, message)
         try:
             result = await self.engine.infer(engine_request)  # the engine counts what it answers or refuses
@@ -174,7 +175,7 @@ class NativeServicer(pb_grpc.DynarouteServicer):
                     raise InvalidInputError(msg.message)
                 engine_request = self.decode(msg, deadline)
             except Exception as e:
-                record_request(self._model_label(model), API, status_for(e)[0])
+                metrics.record_refused(self._model_label(model), API, status_for(e)[0])
                 raise
             result = await self.engine.infer(engine_request)
         except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on

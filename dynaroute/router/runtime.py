@@ -15,7 +15,7 @@ from dynaroute.bundle import Bundle, check_weights
 from dynaroute.errors import BundleError, InvalidInputError, shown
 from dynaroute.router.budget import Budget
 from dynaroute.router.calibration import CalibrationTable, Resolution
-from dynaroute.router.model import Router, build_router
+from dynaroute.router.model import ROUTER_FAMILIES, Router
 from dynaroute.router.policy import Policy, Route, make_policy
 
 # Distinct budgets whose calibration resolution is kept (clients choose budgets freely, so the
@@ -58,7 +58,10 @@ class RouterRuntime:
         if "router" not in m or "calibration" not in m:
             raise BundleError(f"bundle {bundle.name!r} has no router or calibration; retrain it with `dynaroute train`")
         info = m["router"]
-        router = build_router(info["family"], info["config"])
+        try:
+            router = ROUTER_FAMILIES.build(info["family"], info["config"])
+        except BundleError as e:
+            raise BundleError(f"bundle {bundle.name!r}: {e}") from e
         path = bundle.root / info["weights"]
         check_weights(router, path, "router")
         router.load_state_dict(load_file(str(path)))
