@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from dynaroute.codec import InputCodec, InputSpec, codec_for
 from dynaroute.errors import BundleError
 from dynaroute.experts.base import SUPERNET_FAMILIES, DynamicModel, StagedModule
 from dynaroute.experts.spec import SubnetSpec
@@ -99,6 +100,12 @@ class Bundle:
         for key in ("name", "task", "input", "supernet", "subnets"):
             if key not in manifest:
                 raise BundleError(f"{path}: missing required key {key!r}")
+        if not isinstance(manifest["input"], dict):
+            raise BundleError(f"{path}: 'input' must be an object (the input spec)")
+        try:
+            InputSpec.from_dict(manifest["input"])
+        except BundleError as e:
+            raise BundleError(f"{path}: {e}") from e
         bundle = cls(root, manifest)
         for rel in bundle.files():
             if not (root / rel).is_file():
@@ -113,9 +120,17 @@ class Bundle:
         out = [m["supernet"]["weights"]]
         if "router" in m:
             out.append(m["router"]["weights"])
-        if m["input"].get("kind") == "text":
-            out.append(m["input"]["tokenizer"])
+        out.extend(self.input_spec.files())
         return out
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.manifest["input"])
+
+    def codec(self) -> InputCodec:
+        """The codec of the bundle's input (its tokenizer or feature statistics loaded): what the
+        gateway, evaluation and training encode examples with."""
+        return codec_for(self.input_spec, self.root)
 
     @property
     def name(self) -> str:

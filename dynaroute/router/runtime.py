@@ -71,14 +71,17 @@ class RouterRuntime:
                    default_quality)
 
     def score(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
-        """x: a batch tensor or numpy array (tensor models) or (ids, mask). Returns correct_prob
-        [N, S] in 0..1 (columns in `subnet_names` order) and gate [N, K] (rows sum to 1)."""
+        """x: a batch tensor or numpy array (tensor models) or (ids, mask) as tensors or arrays.
+        Returns correct_prob [N, S] in 0..1 (columns in `subnet_names` order) and gate [N, K]
+        (rows sum to 1)."""
         if isinstance(x, np.ndarray):
             if self._numpy_forward is not None:
                 correct_logits, gate_logits = self._numpy_forward(x)
                 return _sigmoid(correct_logits), _softmax(gate_logits)
             x = torch.from_numpy(x)
-        with torch.no_grad():
+        elif isinstance(x, tuple):
+            x = tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in x)
+        with torch.inference_mode():
             correct_logits, gate_logits = self.router(x)
             return torch.sigmoid(correct_logits).numpy(), torch.softmax(gate_logits, -1).numpy()
 
