@@ -6,6 +6,7 @@ answered over gRPC, native and KServe, from the raw feature values."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from examples.train_wine import evaluate, train_wine, wine_splits
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FAMILY = "examples.tabular_resnet:SlimmableTabularResNet"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,11 @@ def test_split() -> tuple[np.ndarray, np.ndarray]:
 def server(bundle_dir: Path):
     from tests.serving import ServerProcess
 
-    s = ServerProcess.start(bundle_dir)
+    # As a user would: the family's package on PYTHONPATH, which the gateway and, through the
+    # Ray it starts, every expert actor inherit.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        s = ServerProcess.start(bundle_dir)
     yield s
     s.stop()
 
