@@ -26,10 +26,11 @@ import numpy as np
 from dynaroute import metrics
 from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
+from dynaroute.codec import InputCodec, InputSpec, codec_for
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
-from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
+from dynaroute.gateway.inputs import check_size, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
@@ -104,7 +105,7 @@ def decode_budget(params: Any) -> Budget:
 
 def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[Any], list[Any]]:
     meta = pb.ModelMetadataResponse.TensorMetadata
-    if spec.is_text:
+    if spec.wire == "text":
         inputs = [meta(name="text", datatype="BYTES", shape=[-1])]
     else:
         inputs = [meta(name="input", datatype=DATATYPE_OF[spec.dtype], shape=[-1, *spec.shape])]
@@ -127,13 +128,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # Read on first use, not at construction: the server registers this servicer before the
     # engine has started (health says NOT_SERVING meanwhile).
     @functools.cached_property
-    def spec(self) -> InputSpec:
-        return InputSpec.from_model_info(self.engine.model_info())
+    def codec(self) -> InputCodec:
+        return codec_for(self.engine.model_info()["input"])  # checks only: the engine encodes
 
     @functools.cached_property
     def _metadata(self) -> tuple[list[Any], list[Any]]:
         info = self.engine.model_info()
-        return metadata_tensors(self.spec, len(info["labels"]))
+        return metadata_tensors(self.codec.spec, len(info["labels"]))
 
     @property
     def inputs(self) -> list[Any]:
@@ -200,12 +201,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if t.datatype != want:
             raise InvalidInputError(f"{field}.datatype: got {shown(t.datatype)}, expected {want!r}")
         shape = [int(d) for d in t.shape]
-        if self.spec.is_text:
+        spec, text = self.codec.spec, self.codec.spec.wire == "text"
+        if text:
             ok = len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)
             expected = "[N] or [N, 1] with N >= 1"
         else:
-            ok = len(shape) == len(self.spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == self.spec.shape
-            expected = f"[N, {', '.join(map(str, self.spec.shape))}] with N >= 1"
+            ok = len(shape) == len(spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == spec.shape
+            expected = f"[N, {', '.join(map(str, spec.shape))}] with N >= 1"
         if not ok:
             raise InvalidInputError(f"{field}.shape: got {shown(shape)}, expected {expected}")
         count = math.prod(shape)
@@ -218,7 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if t.HasField("contents"):
                 raise InvalidInputError(f"{field}.contents: set together with raw_input_contents; use one of them")
             raw = req.raw_input_contents[0]
-            if self.spec.is_text:
+            if text:
                 values: Any = decode_bytes_elements("raw_input_contents[0]", raw, count)
             else:
                 itemsize = np.dtype(np_name).itemsize
@@ -234,16 +236,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"{field}.contents.{contents_field or 'raw_input_contents'}: {len(values)} values, "
                     f"but shape {shape} needs {count}"
                 )
-        if self.spec.is_text:
+        if text:
             rows: list[str] = []
             for i, b in enumerate(values):
                 try:
-                    rows.append(check_text(f"{field} row {i}", b.decode("utf-8")))
+                    rows.append(self.codec.check(f"{field} row {i}", b.decode("utf-8")))
                 except UnicodeDecodeError:
                     raise InvalidInputError(f"{field} row {i}: not UTF-8 text") from None
             return rows
         arr = np.asarray(values, dtype=np_name).reshape(shape)
-        return [check_example(f"{field} row {i}", arr[i], self.spec) for i in range(shape[0])]
+        return [self.codec.check(f"{field} row {i}", arr[i]) for i in range(shape[0])]
 
     def _requested_outputs(self, req: pb.ModelInferRequest) -> list[str]:
         names = [o.name for o in req.outputs] or list(OUTPUTS)
@@ -309,7 +311,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model = self.engine.model_name if name == self.engine.model_name else "unknown"
             except UnavailableError:
                 model = "unknown"
-            record_request(model, API, code)
+            metrics.record_refused(model, API, code)
             await context.abort(code, message)
         deadline = deadline_of(context)
         flow = object()  # this call's rows take turns with other calls in every queue

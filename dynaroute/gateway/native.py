@@ -10,12 +10,14 @@ from typing import Any
 
 import grpc
 
+from dynaroute import metrics
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
+from dynaroute.codec import InputCodec, codec_for
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.decoding import Undecodable
-from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_raw
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.inputs import check_size, decode_raw
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
@@ -110,10 +112,11 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         self.max_stream_inflight = max_stream_inflight
 
     @functools.cached_property
-    def spec(self) -> InputSpec:
+    def codec(self) -> InputCodec:
         # Read on first use, not at construction: the server registers this servicer before
-        # the engine has started (health says NOT_SERVING meanwhile).
-        return InputSpec.from_model_info(self.engine.model_info())
+        # the engine has started (health says NOT_SERVING meanwhile). Checks only: the engine
+        # encodes.
+        return codec_for(self.engine.model_info()["input"])
 
     def _model_label(self, name: str) -> str:
         # Unknown names are not echoed into labels: a client must not grow the label set.
@@ -132,21 +135,20 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         check_size("request", msg.ByteSize(), self.max_message_bytes)
         self._check_model(msg.model)
         kind = msg.WhichOneof("input")
+        spec = self.codec.spec
         if kind is None:
-            raise InvalidInputError(f"input: neither tensor nor text is set; expected {self.spec.kind}")
-        if self.spec.is_text and kind != "text":
-            raise InvalidInputError(f"input: got a tensor, but model {self.engine.model_name!r} expects text")
-        if not self.spec.is_text and kind != "tensor":
+            raise InvalidInputError(f"input: neither tensor nor text is set; expected {spec.wire}")
+        if kind != spec.wire:
             raise InvalidInputError(
-                f"input: got text, but model {self.engine.model_name!r} expects a tensor of dtype "
-                f"{self.spec.dtype} and shape {list(self.spec.shape)}"
+                f"input: got {'a tensor' if kind == 'tensor' else 'text'}, but model {self.engine.model_name!r} "
+                f"expects {spec.describe()}"
             )
         tensor = text = None
         if kind == "tensor":
             t = msg.tensor
-            tensor = check_example("tensor", decode_raw("tensor", t.dtype, list(t.shape), t.data), self.spec)
+            tensor = self.codec.check("tensor", decode_raw("tensor", t.dtype, list(t.shape), t.data))
         else:
-            text = check_text("text", msg.text)
+            text = self.codec.check("text", msg.text)
         return InferRequest(
             model=self.engine.model_name, id=msg.id, tensor=tensor, text=text,
             budget=decode_budget(msg.budget), deadline=deadline,
@@ -157,7 +159,7 @@ class NativeServicer(pb_grpc.DynarouteServicer):
             engine_request = self.decode(request, deadline_of(context))
         except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
             code, message = status_for(e)
-            record_request(self._model_label(request.model), API, code)  # refused before the engine
+            metrics.record_refused(self._model_label(request.model), API, code)  # refused before the engine
             await context.abort(code, message)
         try:
             result = await self.engine.infer(engine_request)  # the engine counts what it answers or refuses
@@ -174,7 +176,7 @@ class NativeServicer(pb_grpc.DynarouteServicer):
                     raise InvalidInputError(msg.message)
                 engine_request = self.decode(msg, deadline)
             except Exception as e:
-                record_request(self._model_label(model), API, status_for(e)[0])
+                metrics.record_refused(self._model_label(model), API, status_for(e)[0])
                 raise
             result = await self.engine.infer(engine_request)
         except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on

@@ -26,13 +26,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dynaroute import metrics
 from dynaroute._proto import dynaroute_pb2, dynaroute_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from dynaroute.config import EngineConfig, ServerConfig
 from dynaroute.errors import BundleError, UnavailableError
 from dynaroute.gateway.decoding import DecodeGuardInterceptor
 from dynaroute.gateway.kserve import KServeServicer
 from dynaroute.gateway.native import NativeServicer
-from dynaroute.gateway.status import record_request
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Serve
 
     def on_undecodable(method: str) -> None:
         if method in UNARY_INFERENCE:
-            record_request(_model_label(slot), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
+            metrics.record_refused(_model_label(slot), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
 
     interceptors.append(
         DecodeGuardInterceptor(APIS, per_message=[f"/{NATIVE_SERVICE}/InferStream"], on_undecodable=on_undecodable)
