@@ -1,0 +1,108 @@
+"""Logging for every `dynaroute` command: one format for all of a process's lines.
+
+`configure(level, fmt)` gives the root logger one stderr handler, in `text` (time, level,
+logger, message) or `json` (one object per line: `time`, `level`, `logger`, `message`, the
+fields passed as `extra=` and `exception` when there is a traceback). Every library that logs
+through `logging` (grpc's Python side, Ray's driver side once `adopt_ray_logs` has run)
+propagates to that handler, so that its lines read the same as the gateway's own. gRPC's C
+core and Ray's own processes write their own files and streams, outside Python's logging.
+
+The status lines a command prints on stdout for scripts (`dynaroute: serving ...`) go through
+`announce`, and one-line errors on stderr through `error_line`: plain in text form, as it has
+always been, and as the same JSON objects as the logs in json form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+FORMATS = ("text", "json")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What every LogRecord has; anything else on a record was passed as `extra=`. Ray's record
+# factory adds private fields (`_ray_timestamp_ns`): names with a leading underscore are left out.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+_format = "text"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (ISO 8601, UTC, milliseconds), level, logger, message,
+    then the record's extra fields and its exception, if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_") and key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return json.dumps(out, default=str)
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}; expected one of {list(FORMATS)}")
+    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def configure(level: str = "info", fmt: str = "text") -> None:
+    """One stderr handler on the root logger, at `level`, in `fmt`; replaces any before it."""
+    global _format
+    if level.lower() not in LEVELS:
+        raise ValueError(f"log level {level!r}; expected one of {list(LEVELS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings.warn lines in the same format
+    _format = fmt
+    if "ray" in sys.modules:
+        adopt_ray_logs()
+
+
+def adopt_ray_logs() -> None:
+    """Send the `ray` logger's records to the root handler. Importing ray gives that logger a
+    handler of its own (its own format) and stops it propagating; call this after `import ray`."""
+    ray_logger = logging.getLogger("ray")
+    for old in list(ray_logger.handlers):
+        ray_logger.removeHandler(old)
+    ray_logger.propagate = True
+
+
+def _emit(stream: TextIO, logger: str, level: int, message: str, fields: dict[str, Any]) -> None:
+    if _format == "json":
+        record = logging.makeLogRecord({"name": logger, "levelno": level, "levelname": logging.getLevelName(level),
+                                        "msg": message, **fields})
+        line = JsonFormatter().format(record)
+    else:
+        line = message
+    print(line, file=stream, flush=True)
+
+
+def announce(logger: str, message: str, **fields: Any) -> None:
+    """A status line for scripts on stdout (whatever the log level): `message` as it is in
+    text form, a JSON log object with `fields` in json form."""
+    _emit(sys.stdout, logger, logging.INFO, message, fields)
+
+
+def error_line(logger: str, message: str, level: int = logging.ERROR, **fields: Any) -> None:
+    """A command's one-line error (or warning) on stderr: `message` in text form, a JSON log
+    object at `level` in json form."""
+    _emit(sys.stderr, logger, level, message, fields)
