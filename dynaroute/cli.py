@@ -18,7 +18,9 @@ def _train(args: argparse.Namespace) -> int:
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
         other = "sst2" if args.task == "digits" else "digits"
-        print(f"dynaroute train {args.task}: {flags} only apply to `train {other}`", file=sys.stderr)
+        from dynaroute import logs
+
+        logs.error_line(__name__, f"dynaroute train {args.task}: {flags} only apply to `train {other}`")
         return 2
     if args.task == "digits":
         from dynaroute.experts.mlp import MLPConfig
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    if args.log_format == "json":
+        logs.capture_stderr()
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below

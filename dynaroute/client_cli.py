@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from dynaroute import logs
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute.client import Client
 from dynaroute.rowfiles import load_rows, load_tensor
@@ -102,7 +102,7 @@ def _infer_batch(args: argparse.Namespace, client: Client) -> int:
             reply = client.infer_batch(**inputs, **_budget(args))
         except grpc.RpcError as e:
             end = start + len(chunk) - 1
-            print(f"dynaroute infer: rows {start} to {end}: {e.code().name}: {e.details()}", file=sys.stderr)
+            logs.error_line(__name__, f"dynaroute infer: rows {start} to {end}: {e.code().name}: {e.details()}")
             return 1
         for i, row in enumerate(reply.rows, start=start):
             print(json.dumps(row_as_json(i, row)) if args.json else format_row(i, row))
@@ -110,7 +110,8 @@ def _infer_batch(args: argparse.Namespace, client: Client) -> int:
                 failed.append(i)
     if failed:
         shown = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
-        print(f"dynaroute infer: {len(failed)} of {len(rows)} rows failed (rows {shown})", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute infer: {len(failed)} of {len(rows)} rows failed (rows {shown})",
+                        failed_rows=failed)
         return 1
     return 0
 
@@ -121,12 +122,12 @@ def _reported(command: str, call: Callable[[], int]) -> int:
     try:
         return call()
     except grpc.RpcError as e:
-        print(f"dynaroute {command}: {e.code().name}: {e.details()}", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute {command}: {e.code().name}: {e.details()}")
         return 1
     except BrokenPipeError:  # the reader of stdout went away: cli.main ends quietly
         raise
     except (OSError, ValueError) as e:
-        print(f"dynaroute {command}: {e}", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute {command}: {e}")
         return 2
 
 
@@ -161,6 +162,15 @@ def _labels(labels: list[str], most: int = 20) -> str:
     return ", ".join(labels[:most]) + more
 
 
+REFERENCE_QUALITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def quality_point(points: list[pb.CalibrationPoint], quality: float) -> pb.CalibrationPoint | None:
+    """The point a `quality` budget selects from one table: the first (tables run cheapest
+    first) whose place on the quality scale reaches it, as the server's calibration solves it."""
+    return next((p for p in points if p.quality >= quality - 1e-12), None)
+
+
 def format_model(m: pb.ModelInfo) -> str:
     """A served model for people: input spec, labels, subnets and the calibrated budgets."""
     spec = m.input
@@ -181,11 +191,18 @@ def format_model(m: pb.ModelInfo) -> str:
     for s in m.subnets:
         lines.append(f"  {s.name:<16}{s.width:>7g}{s.depth:>7}{s.path:>6}{s.params:>11,}{s.flops:>14,}"
                      f"{s.flops / full:>8.3f}{s.val_accuracy:>9.4f}")
-    lines += ["", f"  {'budget: policy':<16}{'quality':>9}{'threshold':>11}{'exp. acc':>10}{'mean FLOPs':>14}"
-                  f"{'ratio':>8}"]
+    tables: dict[str, list[pb.CalibrationPoint]] = {}
     for p in m.calibration:
-        lines.append(f"  {p.policy:<16}{p.quality:>9g}{p.threshold:>11.4g}{p.expected_accuracy:>10.4f}"
-                     f"{p.mean_flops:>14,.0f}{p.mean_flops / full:>8.3f}")
+        tables.setdefault(p.policy, []).append(p)
+    default = m.default_policy if m.default_policy in tables else next(iter(tables), "")
+    lines += ["", f"  calibrated budgets (policy {default}, the default; {len(m.calibration)} operating points in "
+                  f"{', '.join(f'{k} ({len(v)})' for k, v in tables.items())}; --json lists them all)",
+              f"  {'quality':>9}{'threshold':>11}{'exp. acc':>10}{'mean FLOPs':>14}{'ratio':>8}"]
+    for q in REFERENCE_QUALITIES:
+        p = quality_point(tables.get(default, []), q)
+        if p is not None:
+            lines.append(f"  {q:>9g}{p.threshold:>11.4g}{p.expected_accuracy:>10.4f}{p.mean_flops:>14,.0f}"
+                         f"{p.mean_flops / full:>8.3f}")
     return "\n".join(lines)
 
 

@@ -10,13 +10,23 @@ core and Ray's own processes write their own files and streams, outside Python's
 The status lines a command prints on stdout for scripts (`dynaroute: serving ...`) go through
 `announce`, and one-line errors on stderr through `error_line`: plain in text form, as it has
 always been, and as the same JSON objects as the logs in json form.
+
+What bypasses Python's logging and writes to file descriptor 2 itself (gRPC's C core, e.g.
+"E1203 15:22:04.042101 16203 posix_engine_listener.cc:186] Closing acceptor ..." when the
+server shuts its listener; a traceback) is made JSON too in json form: `capture_stderr` puts
+a pipe under descriptor 2 and a thread that passes JSON lines on and wraps every other line in
+an object of logger `stderr`, so that a log collector reading JSON never meets a plain line.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import re
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -28,6 +38,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 _format = "text"
+# An absl / glog line (gRPC's C core): severity letter, MMDD, time, thread, file:line] message.
+_NATIVE_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ (\S+:\d+)\] ?(.*)$")
+_NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,3 +119,46 @@ def error_line(logger: str, message: str, level: int = logging.ERROR, **fields: 
     """A command's one-line error (or warning) on stderr: `message` in text form, a JSON log
     object at `level` in json form."""
     _emit(sys.stderr, logger, level, message, fields)
+
+
+def _native_line_as_json(text: str) -> str:
+    """A line written to descriptor 2 outside logging, as a JSON log object (JSON lines pass)."""
+    if text.startswith("{"):
+        try:
+            json.loads(text)
+            return text
+        except ValueError:
+            pass
+    fields: dict[str, Any] = {}
+    level, message = logging.WARNING, text
+    if m := _NATIVE_LINE.match(text):
+        level, message, fields["source"] = _NATIVE_LEVELS[m.group(1)], m.group(3), m.group(2)
+    record = logging.makeLogRecord({"name": "stderr", "levelno": level, "levelname": logging.getLevelName(level),
+                                    "msg": message, **fields})
+    return JsonFormatter().format(record)
+
+
+def capture_stderr() -> None:
+    """Make every line written to file descriptor 2 a JSON object (see the module docstring);
+    for json form, once per process. The pipe is drained and descriptor 2 restored at exit."""
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    out = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace")
+
+    def pump() -> None:
+        with os.fdopen(read_end, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                out.write(_native_line_as_json(line.rstrip("\n")) + "\n")
+
+    thread = threading.Thread(target=pump, name="dynaroute-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end in this process: the pump reads to its end
+        thread.join(timeout=2.0)  # a child process still holding the pipe would keep it open
+
+    atexit.register(restore)

@@ -193,8 +193,8 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         budget = decode_budget(msg.budget)
         many = len(rows) > 1
         return [
-            InferRequest(model=name, id=f"{msg.id}/{i}", budget=budget, deadline=deadline, api=API,
-                         count_request=False, admitted=many, **row)
+            InferRequest(model=name, id=f"{msg.id}/{i}" if msg.id else str(i), budget=budget, deadline=deadline,
+                         api=API, count_request=False, admitted=many, **row)
             for i, row in enumerate(rows)
         ]
 
