@@ -38,6 +38,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 _format = "text"
+_configured = False
 # An absl / glog line (gRPC's C core): severity letter, MMDD, time, thread, file:line] message.
 _NATIVE_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ (\S+:\d+)\] ?(.*)$")
 _NATIVE_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
@@ -74,7 +75,7 @@ def formatter(fmt: str) -> logging.Formatter:
 
 def configure(level: str = "info", fmt: str = "text") -> None:
     """One stderr handler on the root logger, at `level`, in `fmt`; replaces any before it."""
-    global _format
+    global _format, _configured
     if level.lower() not in LEVELS:
         raise ValueError(f"log level {level!r}; expected one of {list(LEVELS)}")
     handler = logging.StreamHandler(sys.stderr)
@@ -86,8 +87,14 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     logging.captureWarnings(True)  # warnings.warn lines in the same format
     _format = fmt
+    _configured = True
     if "ray" in sys.modules:
         adopt_ray_logs()
+
+
+def is_configured() -> bool:
+    """Whether `configure` has run in this process (a command, not a library caller)."""
+    return _configured
 
 
 def adopt_ray_logs() -> None:
