@@ -151,7 +151,11 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         tensor = text = None
         if kind == "tensor":
             t = msg.tensor
-            tensor = check_example("tensor", decode_raw("tensor", t.dtype, list(t.shape), t.data), self.spec)
+            x = decode_raw("tensor", t.dtype, list(t.shape), t.data)
+            if x.ndim == len(self.spec.shape) + 1 and x.shape[1:] == self.spec.shape and len(x) > 1:
+                raise InvalidInputError(f"tensor.shape: got {shown(list(x.shape))}, {len(x)} examples; Infer takes "
+                                        f"one, of shape {list(self.spec.shape)}: send several with InferBatch")
+            tensor = check_example("tensor", x, self.spec)
         else:
             text = check_text("text", msg.text)
         return InferRequest(

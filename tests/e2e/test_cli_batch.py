@@ -89,6 +89,8 @@ def test_a_bad_row_answers_alone_and_a_bad_batch_is_refused_whole(digits_server,
             (lambda: client.infer_batch(rows.astype(np.float64)), grpc.StatusCode.INVALID_ARGUMENT, "tensor.dtype"),
             (lambda: client.infer_batch(texts=["a sentence"]), grpc.StatusCode.INVALID_ARGUMENT, "expects a tensor"),
             (lambda: client.infer_batch(rows, model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+            # N examples sent to the one-example call: pointed at the batch call.
+            (lambda: client.infer(rows[:2]), grpc.StatusCode.INVALID_ARGUMENT, "send several with InferBatch"),
             (lambda: client.infer_batch(rows, quality=3.0), grpc.StatusCode.INVALID_ARGUMENT, "quality"),
             # More rows than the server ever admits at once: refused whole, naming the flag.
             (lambda: client.infer_batch(np.repeat(rows[:1], 1025, axis=0)), grpc.StatusCode.INVALID_ARGUMENT,
