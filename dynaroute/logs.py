@@ -158,7 +158,10 @@ def capture_stderr() -> None:
     def pump() -> None:
         with os.fdopen(read_end, encoding="utf-8", errors="replace") as lines:
             for line in lines:
-                out.write(_native_line_as_json(line.rstrip("\n")) + "\n")
+                try:
+                    out.write(_native_line_as_json(line.rstrip("\n")) + "\n")
+                except (OSError, ValueError):  # the real stderr is gone: keep draining, or writers would block
+                    continue
 
     thread = threading.Thread(target=pump, name="dynaroute-stderr", daemon=True)
     thread.start()
