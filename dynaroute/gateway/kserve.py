@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.metadata
 import json
 import math
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from dynaroute import metrics
+from dynaroute import __version__, metrics
 from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.codec import InputCodec, InputSpec, codec_for
@@ -56,13 +55,6 @@ DATATYPE_OF = {np_name: dt for dt, (np_name, _) in DATATYPES.items() if dt != "B
 OUTPUTS = ("logits", "label", "confidence")
 BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy")
 BUDGET_STRINGS = ("subnet", "policy")
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("dynaroute")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 def _param_value(p: pb.InferParameter) -> Any:
@@ -173,7 +165,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.is_ready())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="dynaroute", version=_version(), extensions=[])
+        return pb.ServerMetadataResponse(name="dynaroute", version=__version__, extensions=[])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dynaroute import metrics
+from dynaroute import logs, metrics
 from dynaroute._proto import dynaroute_pb2, dynaroute_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from dynaroute.config import EngineConfig, ServerConfig
 from dynaroute.errors import BundleError, UnavailableError
@@ -43,7 +42,8 @@ HEALTH_SERVICES = ("", NATIVE_SERVICE, KSERVE_SERVICE)  # "" is the whole server
 APIS = {NATIVE_SERVICE: "native", KSERVE_SERVICE: "kserve"}  # service -> metrics `api` label
 # The unary inference methods, whose undecodable requests count in dynaroute_requests_total
 # (InferStream's messages are counted by its servicer, one by one).
-UNARY_INFERENCE = {f"/{NATIVE_SERVICE}/Infer": "native", f"/{KSERVE_SERVICE}/ModelInfer": "kserve"}
+UNARY_INFERENCE = {f"/{NATIVE_SERVICE}/Infer": "native", f"/{NATIVE_SERVICE}/InferBatch": "native",
+                   f"/{KSERVE_SERVICE}/ModelInfer": "kserve"}
 
 
 class EngineSlot:
@@ -212,7 +212,8 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
     metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    print(f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}", flush=True)
+    logs.announce(__name__, f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}", bundle=str(bundle),
+                  grpc=f"{config.host}:{port}")
     engine = None
     try:
         engine = await RayEngine.start(bundle, engine_config)
@@ -224,10 +225,11 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
         gc.freeze()
         if not stop.is_set():  # a SIGTERM while the actors started: go straight to shutting down
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-            print(
-                f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
-                f"metrics={config.metrics_host}:{metrics_server.server_port}",
-                flush=True,
+            metrics_address = f"{config.metrics_host}:{metrics_server.server_port}"
+            logs.announce(
+                __name__, f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
+                f"metrics={metrics_address}", model=engine.model_name, grpc=f"{config.host}:{port}",
+                metrics=metrics_address,
             )
             await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
@@ -245,7 +247,7 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
             await engine.close()
         metrics_server.shutdown()
         metrics_server.server_close()
-    print("dynaroute: stopped", flush=True)
+    logs.announce(__name__, "dynaroute: stopped")
     return 0
 
 
@@ -269,7 +271,6 @@ def main_serve(args: argparse.Namespace) -> int:
     from dynaroute.bundle import Bundle
     from dynaroute.gateway import raycluster
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # What can be checked without Ray is checked first: starting or joining Ray takes seconds
     # to tens of seconds, and a typo should not wait for it.
     try:
@@ -278,7 +279,7 @@ def main_serve(args: argparse.Namespace) -> int:
         if engine_config.placement is not None:
             engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
     except (BundleError, ValueError) as e:
-        print(f"dynaroute serve: {e}", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute serve: {e}")
         return 2
     started_ray = args.ray_address is None
     try:
@@ -292,7 +293,7 @@ def main_serve(args: argparse.Namespace) -> int:
         raycluster.placement_wait(placement, engine_config.ready_timeout_s, can_grow=not started_ray)
         return asyncio.run(serve(args.bundle, server_config, engine_config))
     except (BundleError, OSError, ValueError, UnavailableError) as e:  # Ray, a busy port, bad TLS files, slow experts
-        print(f"dynaroute serve: {e}", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute serve: {e}")
         return 1
     finally:
         if started_ray:
