@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve KServe v2 over HTTP/REST on --host at this port (0: any free port, printed on "
+                   "the ready line; default: off)")
     p.add_argument("--metrics-port", type=int, default=9464)
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--ray-address", default=None,

@@ -1,4 +1,6 @@
-"""The KServe v2 Open Inference Protocol servicer (`inference.GRPCInferenceService`).
+"""The KServe v2 Open Inference Protocol: its logic over the engine, and its gRPC servicer
+(`inference.GRPCInferenceService`). The HTTP/REST transport (rest.py) shares `KServeModel`, so
+both check, decode, budget, run and count a call the same way and differ only in the wire form.
 
 A request holds one input of shape [N, ...example shape] (N >= 1; BYTES [N] or [N, 1] for
 text models); each row is one engine request, and all run concurrently. The budget comes from
@@ -17,7 +19,8 @@ import functools
 import importlib.metadata
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,11 +32,11 @@ from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
-API = "kserve"
+API = "kserve"  # the metrics `api` label of the gRPC transport
 VERSION = "1"
 # KServe v2 datatype <-> numpy dtype, and which typed `contents` field carries it.
 DATATYPES: dict[str, tuple[str, str]] = {
@@ -57,7 +60,8 @@ BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy")
 BUDGET_STRINGS = ("subnet", "policy")
 
 
-def _version() -> str:
+def server_version() -> str:
+    """dynaroute's version, as server metadata reports it."""
     try:
         return importlib.metadata.version("dynaroute")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
@@ -69,9 +73,10 @@ def _param_value(p: pb.InferParameter) -> Any:
     return None if which is None else getattr(p, which)
 
 
-def decode_budget(params: Any) -> Budget:
-    """The budget from request parameters; an unknown name is refused, not silently ignored
-    (a misspelt `qualty` would otherwise be served at the default budget)."""
+def decode_budget(params: Mapping[str, Any]) -> Budget:
+    """The budget from request parameters (name -> plain value: number, string, bool or None);
+    an unknown name is refused, not silently ignored (a misspelt `qualty` would otherwise be
+    served at the default budget)."""
     unknown = sorted(set(params) - set(BUDGET_NUMBERS) - set(BUDGET_STRINGS))
     if unknown:
         names = ", ".join(shown(n) for n in unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
@@ -81,18 +86,18 @@ def decode_budget(params: Any) -> Budget:
     kwargs: dict[str, Any] = {}
     for key in BUDGET_NUMBERS:
         if key in params:
-            v = _param_value(params[key])
+            v = params[key]
             if isinstance(v, str):
                 try:
                     v = float(v)
                 except ValueError:
                     raise InvalidInputError(f"parameters.{key}: {shown(v)} is not a number") from None
-            if v is None or isinstance(v, bool):
+            if not isinstance(v, int | float) or isinstance(v, bool):
                 raise InvalidInputError(f"parameters.{key}: expected a number (double or int64 parameter)")
             kwargs[key] = float(v)
     for key in BUDGET_STRINGS:
         if key in params:
-            v = _param_value(params[key])
+            v = params[key]
             if not isinstance(v, str) or not v:
                 raise InvalidInputError(f"parameters.{key}: expected a non-empty string parameter")
             kwargs[key] = v
@@ -102,52 +107,96 @@ def decode_budget(params: Any) -> Budget:
         raise InvalidInputError(f"parameters: {e}") from None
 
 
-def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[Any], list[Any]]:
-    meta = pb.ModelMetadataResponse.TensorMetadata
+def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model's input and output tensors as the protocol describes them: name, datatype and
+    shape, -1 for the batch dimension."""
     if spec.is_text:
-        inputs = [meta(name="text", datatype="BYTES", shape=[-1])]
+        inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     else:
-        inputs = [meta(name="input", datatype=DATATYPE_OF[spec.dtype], shape=[-1, *spec.shape])]
+        inputs = [{"name": "input", "datatype": DATATYPE_OF[spec.dtype], "shape": [-1, *spec.shape]}]
     outputs = [
-        meta(name="logits", datatype="FP32", shape=[-1, num_classes]),
-        meta(name="label", datatype="INT64", shape=[-1]),
-        meta(name="confidence", datatype="FP32", shape=[-1]),
+        {"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
+        {"name": "label", "datatype": "INT64", "shape": [-1]},
+        {"name": "confidence", "datatype": "FP32", "shape": [-1]},
     ]
     return inputs, outputs
 
 
-class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 over the same engine as the native API."""
+@dataclass(frozen=True)
+class WireTensor:
+    """One input tensor as a transport carries it: typed values (gRPC `contents`, JSON `data`),
+    read only once the name, datatype and shape have passed, or raw little-endian bytes (gRPC
+    `raw_input_contents`, the HTTP binary tensor extension). The field names go into messages."""
 
-    def __init__(self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool]) -> None:
+    name: str
+    datatype: str
+    shape: list[int]
+    values: Callable[[], Sequence[Any]] | None = None
+    raw: bytes | None = None
+    field: str = "inputs[0]"
+    values_field: str = "inputs[0].data"
+    raw_field: str = "raw_input_contents[0]"
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """One decoded infer request: what either transport read off the wire."""
+
+    model: str
+    version: str
+    id: str
+    parameters: Mapping[str, Any]  # name -> plain value; the budget's names only
+    inputs: Sequence[WireTensor]
+    outputs: Sequence[str]  # requested output names; empty: all of them
+    size: int  # bytes on the wire
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """A call that passed every check: its rows, budget and outputs, admitted to the engine."""
+
+    model: str
+    id: str
+    budget: Budget
+    rows: list[np.ndarray] | list[str]
+    outputs: list[str]
+
+
+class KServeModel:
+    """The Open Inference Protocol over one engine, independent of the transport: model checks,
+    metadata, decoding and checking a call, running its rows, the outputs and response
+    parameters, and counting each call once in dynaroute_requests_total under `api`."""
+
+    def __init__(self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool], api: str = API) -> None:
         self.engine = engine
         self.max_message_bytes = max_message_bytes
         self.is_ready = is_ready
+        self.api = api
 
-    # Read on first use, not at construction: the server registers this servicer before the
-    # engine has started (health says NOT_SERVING meanwhile).
+    # Read on first use, not at construction: the server builds this before the engine has
+    # started (health says NOT_SERVING meanwhile).
     @functools.cached_property
     def spec(self) -> InputSpec:
         return InputSpec.from_model_info(self.engine.model_info())
 
     @functools.cached_property
-    def _metadata(self) -> tuple[list[Any], list[Any]]:
+    def _metadata(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         info = self.engine.model_info()
         return metadata_tensors(self.spec, len(info["labels"]))
 
     @property
-    def inputs(self) -> list[Any]:
+    def inputs(self) -> list[dict[str, Any]]:
         return self._metadata[0]
 
     @property
-    def outputs(self) -> list[Any]:
+    def outputs(self) -> list[dict[str, Any]]:
         return self._metadata[1]
 
     @property
     def input_name(self) -> str:
-        return self.inputs[0].name
+        return self.inputs[0]["name"]
 
-    def _check_model(self, name: str, version: str, field: str = "name") -> None:
+    def check_model(self, name: str, version: str, field: str = "name") -> None:
         if name != self.engine.model_name:
             raise ModelNotFoundError(
                 f"{field}: model {shown(name)} is not served here; expected {self.engine.model_name!r}"
@@ -155,48 +204,27 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if version not in ("", VERSION):
             raise ModelNotFoundError(f"version: model {shown(name)} has only version {VERSION!r}, not {shown(version)}")
 
-    async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
-        await context.abort(*status_for(e))
+    def model_metadata(self, name: str, version: str) -> dict[str, Any]:
+        """The model metadata response's fields, after checking the name and version."""
+        self.check_model(name, version)
+        return {"name": self.engine.model_name, "versions": [VERSION], "platform": "dynaroute",
+                "inputs": self.inputs, "outputs": self.outputs}
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerLiveResponse(live=True)
+    def model_ready(self, name: str, version: str) -> bool:
+        self.check_model(name, version)
+        return self.is_ready()
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self.is_ready())
+    # -- infer ----------------------------------------------------------------------------------
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._check_model(request.name, request.version)
-        except (ModelNotFoundError, UnavailableError) as e:
-            await self._fail(context, e)
-        return pb.ModelReadyResponse(ready=self.is_ready())
-
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="dynaroute", version=_version(), extensions=[])
-
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self._check_model(request.name, request.version)
-            return pb.ModelMetadataResponse(
-                name=self.engine.model_name, versions=[VERSION], platform="dynaroute", inputs=self.inputs,
-                outputs=self.outputs,
-            )
-        except (ModelNotFoundError, UnavailableError) as e:
-            await self._fail(context, e)
-
-    # -- ModelInfer ---------------------------------------------------------------------------
-
-    def _decode_rows(self, req: pb.ModelInferRequest) -> list[np.ndarray] | list[str]:
-        """The request's one input -> one example per row, checked against the model's spec."""
-        if len(req.inputs) != 1:
-            raise InvalidInputError(
-                f"inputs: got {len(req.inputs)} input tensors, expected 1 named {self.input_name!r}"
-            )
-        t = req.inputs[0]
-        field = "inputs[0]"
+    def decode_rows(self, inputs: Sequence[WireTensor]) -> list[np.ndarray] | list[str]:
+        """The call's one input -> one example per row, checked against the model's spec."""
+        if len(inputs) != 1:
+            raise InvalidInputError(f"inputs: got {len(inputs)} input tensors, expected 1 named {self.input_name!r}")
+        t = inputs[0]
+        field = t.field
         if t.name != self.input_name:
             raise InvalidInputError(f"{field}.name: got {shown(t.name)}, expected {self.input_name!r}")
-        want = self.inputs[0].datatype
+        want = self.inputs[0]["datatype"]
         if t.datatype != want:
             raise InvalidInputError(f"{field}.datatype: got {shown(t.datatype)}, expected {want!r}")
         shape = [int(d) for d in t.shape]
@@ -209,61 +237,94 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not ok:
             raise InvalidInputError(f"{field}.shape: got {shown(shape)}, expected {expected}")
         count = math.prod(shape)
-        np_name, contents_field = DATATYPES[want]
-        if req.raw_input_contents:
-            if len(req.raw_input_contents) != len(req.inputs):
-                raise InvalidInputError(
-                    f"raw_input_contents: {len(req.raw_input_contents)} entries for {len(req.inputs)} inputs"
-                )
-            if t.HasField("contents"):
-                raise InvalidInputError(f"{field}.contents: set together with raw_input_contents; use one of them")
-            raw = req.raw_input_contents[0]
+        np_name = DATATYPES[want][0]
+        if t.raw is not None:
             if self.spec.is_text:
-                values: Any = decode_bytes_elements("raw_input_contents[0]", raw, count)
+                values: Any = decode_bytes_elements(t.raw_field, t.raw, count)
             else:
                 itemsize = np.dtype(np_name).itemsize
-                if len(raw) != count * itemsize:
+                if len(t.raw) != count * itemsize:
                     raise InvalidInputError(
-                        f"raw_input_contents[0]: {len(raw)} bytes, but {want} {shape} needs {count * itemsize} bytes"
+                        f"{t.raw_field}: {len(t.raw)} bytes, but {want} {shape} needs {count * itemsize} bytes"
                     )
-                values = np.frombuffer(raw, dtype=np.dtype(np_name).newbyteorder("<")).astype(np_name)
+                values = np.frombuffer(t.raw, dtype=np.dtype(np_name).newbyteorder("<")).astype(np_name)
         else:
-            values = list(getattr(t.contents, contents_field)) if contents_field else []
+            values = t.values() if t.values is not None else []
             if len(values) != count:
-                raise InvalidInputError(
-                    f"{field}.contents.{contents_field or 'raw_input_contents'}: {len(values)} values, "
-                    f"but shape {shape} needs {count}"
-                )
+                raise InvalidInputError(f"{t.values_field}: {len(values)} values, but shape {shape} needs {count}")
         if self.spec.is_text:
             rows: list[str] = []
             for i, b in enumerate(values):
                 try:
-                    rows.append(check_text(f"{field} row {i}", b.decode("utf-8")))
+                    text = b if isinstance(b, str) else b.decode("utf-8")
                 except UnicodeDecodeError:
                     raise InvalidInputError(f"{field} row {i}: not UTF-8 text") from None
+                rows.append(check_text(f"{field} row {i}", text))
             return rows
         arr = np.asarray(values, dtype=np_name).reshape(shape)
         return [check_example(f"{field} row {i}", arr[i], self.spec) for i in range(shape[0])]
 
-    def _requested_outputs(self, req: pb.ModelInferRequest) -> list[str]:
-        names = [o.name for o in req.outputs] or list(OUTPUTS)
+    def requested_outputs(self, names: Sequence[str]) -> list[str]:
+        names = list(names) or list(OUTPUTS)
         for n in names:
             if n not in OUTPUTS:
                 raise InvalidInputError(f"outputs: unknown output {shown(n)}; expected some of {list(OUTPUTS)}")
         return names
 
-    def _encode(self, req: pb.ModelInferRequest, names: list[str], results: list[InferResult]) -> Any:
-        n = len(results)
-        arrays = {
+    def prepare(self, call: InferCall) -> PreparedCall:
+        """Every check a call must pass before the engine sees it, in the order the messages
+        name them; a call of several rows is admitted whole or refused whole."""
+        check_size("request", call.size, self.max_message_bytes)
+        self.check_model(call.model, call.version, field="model_name")
+        budget = decode_budget(call.parameters)
+        names = self.requested_outputs(call.outputs)
+        rows = self.decode_rows(call.inputs)
+        if len(rows) > 1:
+            self.engine.admit(len(rows))
+        return PreparedCall(model=call.model, id=call.id, budget=budget, rows=rows, outputs=names)
+
+    def count_refused(self, model: str, error: BaseException) -> None:
+        """Count a call refused before the engine (by `prepare`, or by the transport). Unknown
+        names are not echoed into labels: a client must not grow the label set."""
+        try:
+            label = self.engine.model_name if model == self.engine.model_name else "unknown"
+        except UnavailableError:  # still starting
+            label = "unknown"
+        metrics.record_request(label, self.api, metrics.status_of(error))
+
+    async def run(self, call: PreparedCall, deadline: float | None) -> list[InferResult]:
+        """Run every row as one engine request, concurrently, and count the call once with its
+        final status. Raises the engine's exceptions (and CancelledError if the caller went)."""
+        many = len(call.rows) > 1
+        requests = [
+            InferRequest(
+                model=call.model, id=f"{call.id}/{i}" if many else call.id, budget=call.budget, deadline=deadline,
+                api=self.api, count_request=False, admitted=many,
+                **({"text": r} if isinstance(r, str) else {"tensor": r}),
+            )
+            for i, r in enumerate(call.rows)
+        ]
+        try:
+            results = await asyncio.gather(*(self.engine.infer(r) for r in requests))
+        except BaseException as e:
+            metrics.record_request(call.model, self.api, metrics.status_of(e))
+            raise
+        metrics.record_request(call.model, self.api, "ok")
+        return list(results)
+
+    @staticmethod
+    def output_arrays(results: Sequence[InferResult]) -> dict[str, np.ndarray]:
+        """Every output, little-endian, as the protocol's datatypes (DATATYPE_OF) name them."""
+        return {
             "logits": np.stack([r.logits.reshape(-1) for r in results]).astype("<f4"),
             "label": np.asarray([r.label for r in results], dtype="<i8"),
             "confidence": np.asarray([r.confidence for r in results], dtype="<f4"),
         }
-        resp = pb.ModelInferResponse(model_name=self.engine.model_name, model_version=VERSION, id=req.id)
-        for name in names:
-            a = arrays[name]
-            resp.outputs.add(name=name, datatype=DATATYPE_OF[str(a.dtype.newbyteorder("="))], shape=list(a.shape))
-            resp.raw_output_contents.append(a.tobytes())
+
+    @staticmethod
+    def response_parameters(results: Sequence[InferResult]) -> dict[str, str | int | float | bool]:
+        """Route and cost as JSON lists (one entry per row) plus scalar totals: scalars only,
+        since the protocol's parameters hold strings, numbers and booleans."""
         routes = [
             {"subnets": r.route.subnets, "weights": r.route.weights, "escalations": r.route.escalations,
              "exit_depths": r.route.exit_depths, "fallbacks": r.route.fallbacks, "policy": r.route.policy,
@@ -278,56 +339,105 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         ]
         total = sum(c["total_flops"] for c in costs)
         full = sum(c["full_flops"] for c in costs)
-        params = resp.parameters
-        params["route"].string_param = json.dumps(routes)
-        params["cost"].string_param = json.dumps(costs)
-        params["total_flops"].int64_param = int(total)
-        params["full_flops"].int64_param = int(full)
-        params["flops_ratio"].double_param = total / full if full else 0.0
-        params["rows"].int64_param = n
-        # Every row has the call's budget, so one flag says it for all of them.
-        params["budget_out_of_reach"].bool_param = results[0].route.budget_out_of_reach
+        params: dict[str, str | int | float | bool] = {
+            "route": json.dumps(routes), "cost": json.dumps(costs), "total_flops": int(total),
+            "full_flops": int(full), "flops_ratio": total / full if full else 0.0, "rows": len(results),
+            # Every row has the call's budget, so one flag says it for all of them.
+            "budget_out_of_reach": results[0].route.budget_out_of_reach,
+        }
         if results[0].route.budget_out_of_reach:
-            params["budget_note"].string_param = results[0].route.budget_note
+            params["budget_note"] = results[0].route.budget_note
+        return params
+
+
+def _set_param(p: pb.InferParameter, value: str | int | float | bool) -> None:
+    if isinstance(value, bool):  # before int: a bool is an int
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = value
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 over gRPC: the protobuf wire form of `KServeModel`."""
+
+    def __init__(self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool]) -> None:
+        self.model = KServeModel(engine, max_message_bytes, is_ready, API)
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self.model.is_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return pb.ModelReadyResponse(ready=self.model.model_ready(request.name, request.version))
+        except (ModelNotFoundError, UnavailableError) as e:
+            await context.abort(*status_for(e))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(name="dynaroute", version=server_version(), extensions=[])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            meta = self.model.model_metadata(request.name, request.version)
+        except (ModelNotFoundError, UnavailableError) as e:
+            await context.abort(*status_for(e))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    @staticmethod
+    def _call(req: pb.ModelInferRequest) -> InferCall:
+        """The protobuf request -> InferCall; the checks of its own wire form (raw contents
+        given for every input or none, never beside typed contents) are made here."""
+        if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
+            raise InvalidInputError(
+                f"raw_input_contents: {len(req.raw_input_contents)} entries for {len(req.inputs)} inputs"
+            )
+        tensors = []
+        for i, t in enumerate(req.inputs):
+            raw = req.raw_input_contents[i] if req.raw_input_contents else None
+            if raw is not None and t.HasField("contents"):
+                raise InvalidInputError(f"inputs[{i}].contents: set together with raw_input_contents; use one of them")
+            contents_field = DATATYPES.get(t.datatype, ("", ""))[1]
+            tensors.append(WireTensor(
+                name=t.name, datatype=t.datatype, shape=list(t.shape), raw=raw,
+                values=(lambda t=t, f=contents_field: list(getattr(t.contents, f)) if f else []),
+                field=f"inputs[{i}]", values_field=f"inputs[{i}].contents.{contents_field or 'raw_input_contents'}",
+                raw_field=f"raw_input_contents[{i}]",
+            ))
+        return InferCall(
+            model=req.model_name, version=req.model_version, id=req.id,
+            parameters={k: _param_value(v) for k, v in req.parameters.items()}, inputs=tensors,
+            outputs=[o.name for o in req.outputs], size=req.ByteSize(),
+        )
+
+    def _encode(self, call: PreparedCall, results: list[InferResult]) -> Any:
+        resp = pb.ModelInferResponse(model_name=call.model, model_version=VERSION, id=call.id)
+        arrays = self.model.output_arrays(results)
+        for name in call.outputs:
+            a = arrays[name]
+            resp.outputs.add(name=name, datatype=DATATYPE_OF[str(a.dtype.newbyteorder("="))], shape=list(a.shape))
+            resp.raw_output_contents.append(a.tobytes())
+        for key, value in self.model.response_parameters(results).items():
+            _set_param(resp.parameters[key], value)
         return resp
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        name = request.model_name
         try:
-            check_size("request", request.ByteSize(), self.max_message_bytes)
-            self._check_model(name, request.model_version, field="model_name")
-            budget = decode_budget(request.parameters)
-            names = self._requested_outputs(request)
-            rows = self._decode_rows(request)
-            if len(rows) > 1:
-                self.engine.admit(len(rows))
+            call = self.model.prepare(self._call(request))
         except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            code, message = status_for(e)
-            # Refused before the engine. Unknown names are not echoed into labels: a client must
-            # not grow the label set.
-            try:
-                model = self.engine.model_name if name == self.engine.model_name else "unknown"
-            except UnavailableError:
-                model = "unknown"
-            record_request(model, API, code)
-            await context.abort(code, message)
-        deadline = deadline_of(context)
-        requests = [
-            InferRequest(
-                model=name, id=f"{request.id}/{i}" if len(rows) > 1 else request.id, budget=budget,
-                deadline=deadline, api=API, count_request=False, admitted=len(rows) > 1,
-                **({"text": r} if isinstance(r, str) else {"tensor": r}),
-            )
-            for i, r in enumerate(rows)
-        ]
-        try:
-            # Each row is one engine request (which counts it in dynaroute_rows_total); they run
-            # concurrently. The call is counted here, once, with its final status.
-            results = await asyncio.gather(*(self.engine.infer(r) for r in requests))
-        except BaseException as e:
-            metrics.record_request(name, API, metrics.status_of(e))
-            if not isinstance(e, Exception):  # cancelled: the caller has gone
-                raise
+            self.model.count_refused(request.model_name, e)
             await context.abort(*status_for(e))
-        metrics.record_request(name, API, "ok")
-        return self._encode(request, names, list(results))
+        try:
+            results = await self.model.run(call, deadline_of(context))
+        except Exception as e:  # noqa: BLE001 - as above; CancelledError (the caller has gone) propagates
+            await context.abort(*status_for(e))
+        return self._encode(call, results)
