@@ -11,7 +11,7 @@ import functools
 import json
 from typing import Any
 
-from dynaroute.gateway.kserve import BUDGET_NUMBERS, BUDGET_STRINGS, DATATYPES, OUTPUTS
+from dynaroute.gateway.open_inference import BUDGET_NUMBERS, BUDGET_STRINGS, DATATYPES, OUTPUTS
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from dynaroute import metrics
 from dynaroute.config import ServerConfig
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, TooLargeError, UnavailableError, shown
 from dynaroute.gateway.inputs import MAX_DIMS
-from dynaroute.gateway.kserve import (
+from dynaroute.gateway.open_inference import (
     DATATYPE_OF,
     DATATYPES,
     OUTPUTS,

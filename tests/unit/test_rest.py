@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 from dynaroute import errors
 from dynaroute.config import ServerConfig
-from dynaroute.gateway.kserve import BUDGET_NUMBERS, BUDGET_STRINGS
+from dynaroute.gateway.open_inference import BUDGET_NUMBERS, BUDGET_STRINGS
 from dynaroute.gateway.openapi import PARAMETERS, openapi_document
 from dynaroute.gateway.rest import HEADER_LENGTH, RestGateway, decode_request
 from dynaroute.gateway.status import http_status_for
@@ -108,6 +110,14 @@ def test_json_values_are_type_checked_never_coerced(datatype: str, data: object,
     with pytest.raises(errors.InvalidInputError) as e:
         call.inputs[0].values()  # read once the datatype and shape have passed the model's checks
     assert needle in str(e.value)
+
+
+def test_the_http_transport_loads_beside_tritonclient_grpc() -> None:
+    """rest.py loads no `inference` protobuf messages, so that a client or test process can
+    import it and tritonclient.grpc (which registers the same names) together."""
+    code = "import dynaroute.gateway.rest, dynaroute.gateway.openapi; import tritonclient.grpc"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_shipped_openapi_document_is_the_served_one() -> None:
