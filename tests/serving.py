@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)(?: http=(\S+))?")
-STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)")
+STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)(?: http=(\S+))?")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ServerProcess:
                 server.lines.append(line.rstrip("\n"))
                 if m := STARTING.search(line):
                     server.starting_address = m.group(1)
+                    server.http_address = m.group(2) or ""
                     server.started.set()
                 if m := READY.search(line):
                     server.model, server.grpc_address, server.metrics_address, http = m.groups()

@@ -4,11 +4,14 @@ as its HTTP status with a JSON body, and the server serving on after each."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import torch
@@ -241,3 +244,41 @@ def test_openapi_document_is_served_and_rest_calls_are_counted(digits_server, te
     after = counts()
     assert after["ok"] == before["ok"] + 1
     assert after["invalid_argument"] == before["invalid_argument"] + 1
+
+
+async def test_sigterm_drains_http_in_flight_then_exits_zero(digits_bundle_dir, test_x):
+    """The HTTP port opens while the engine starts (ready: 503), then serves; on SIGTERM ready
+    turns 503, requests in flight still complete, later ones get 503 (or find the port closed),
+    and the process exits 0."""
+    from tests.serving import ServerProcess
+
+    server = ServerProcess.start(digits_bundle_dir, "--http-port", "0", wait=False)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{server.http_address}/v2/health/ready") as r:
+                assert r.status == 503 and (await r.json()) == {"ready": False}  # the actors are still starting
+            await asyncio.to_thread(server.wait_for, server.ready)
+            url = f"http://{server.http_address}/v2/models/digits/infer"
+            done_at: list[tuple[float, int | str]] = []
+
+            async def one(i: int) -> None:
+                try:
+                    async with session.post(url, json=infer_body(test_x[i % len(test_x)][None])) as r:
+                        await r.read()
+                        done_at.append((time.monotonic(), r.status))
+                except aiohttp.ClientConnectionError as e:  # the port closed: the client retries elsewhere
+                    done_at.append((time.monotonic(), type(e).__name__))
+
+            tasks = [asyncio.create_task(one(i)) for i in range(300)]
+            while not done_at:
+                await asyncio.sleep(0.001)
+            sigterm_at = time.monotonic()
+            server.terminate()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        statuses = {s for _, s in done_at}
+        assert statuses <= {200, 503, "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}, statuses
+        assert [t for t, s in done_at if t > sigterm_at and s == 200], "no request in flight at SIGTERM finished"
+        assert await asyncio.to_thread(server.wait, 60) == 0, server.output()
+        assert "dynaroute: stopped" in server.output()
+    finally:
+        server.stop()
