@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,7 @@ class RayEngine:
             pinned = None  # a budget with nothing set resolves to the router's default quality
             resolution = self.router.resolve(budget)  # cached per budget; says when it was out of reach
         if request.deadline is not None:
-            self._refuse_if_late(request.deadline, budget.subnet)
+            self._refuse_if_late(request.deadline, budget.subnet, request.flow)
         if pinned is not None and not self._text:
             route, row, router_ran = pinned, x, False  # nothing for the router to do
         elif self._inflight == 1 and not self._text and self._router_batcher.idle:
@@ -293,11 +294,13 @@ class RayEngine:
                 raise routed
             route, row, router_ran = routed
         else:
-            b = await self._router_batcher.submit((x, pinned or budget), request.deadline, request.admitted)
+            b = await self._router_batcher.submit((x, pinned or budget), request.deadline, request.admitted,
+                                                  request.flow)
             (route, row, router_ran), queue_s, compute_s = b.value, b.queue_s, b.call_s
 
         async def run(subnet: str, bound: float | None, first_exit: int) -> SubnetAnswer:
-            return await self._run_subnet(subnet, row, bound, first_exit, request.deadline, request.admitted)
+            return await self._run_subnet(subnet, row, bound, first_exit, request.deadline, request.admitted,
+                                          request.flow)
 
         outcome = await execute(route, run)
         logits = np.asarray(outcome.logits, dtype=np.float32)
@@ -404,19 +407,20 @@ class RayEngine:
                     out[i] = e
         return out
 
-    def _refuse_if_late(self, deadline: float, subnet: str | None) -> None:
+    def _refuse_if_late(self, deadline: float, subnet: str | None, flow: Hashable | None = None) -> None:
         """Refuse at the door, before the router's work, a request no expert queue can answer
         before its deadline: the pinned subnet's queue, or every queue for a routed request
         (it needs at least one). The queues check again when the row reaches them."""
         pools = [self.dispatcher.pool_of[subnet].name] if subnet is not None else list(self._batchers)
-        reasons = [self._batchers[p].late_by_backlog(deadline) for p in pools]
+        reasons = [self._batchers[p].late_by_backlog(deadline, flow) for p in pools]
         if all(reasons):
             raise OverloadedError(str(reasons[0]))
 
     # ---- one subnet on the experts, with fallback ---------------------------------------------
 
     async def _run_subnet(self, subnet: str, row: Any, bound: float | None, first_exit: int = 1,
-                          deadline: float | None = None, admitted: bool = False) -> SubnetAnswer:
+                          deadline: float | None = None, admitted: bool = False,
+                          flow: Hashable | None = None) -> SubnetAnswer:
         exclude: set[str] = set()
         reason = "expert_unavailable"
         b = math.inf if bound is None else float(bound)
@@ -428,7 +432,7 @@ class RayEngine:
                 )
             pool = self.dispatcher.pool_of[use]
             try:
-                r = await self._batchers[pool.name].submit((use, row, b, first_exit), deadline, admitted)
+                r = await self._batchers[pool.name].submit((use, row, b, first_exit), deadline, admitted, flow)
             except ExpertUnavailableError:
                 exclude.add(pool.name)
                 continue

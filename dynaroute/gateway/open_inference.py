@@ -288,10 +288,11 @@ class KServeModel:
         """Run every row as one engine request, concurrently, and count the call once with its
         final status. Raises the engine's exceptions (and CancelledError if the caller went)."""
         many = len(call.rows) > 1
+        flow = object()  # this call's rows take turns with other calls in every queue
         requests = [
             InferRequest(
                 model=call.model, id=f"{call.id}/{i}" if many else call.id, budget=call.budget, deadline=deadline,
-                api=self.api, count_request=False, admitted=many,
+                api=self.api, count_request=False, admitted=many, flow=flow,
                 **({"text": r} if isinstance(r, str) else {"tensor": r}),
             )
             for i, r in enumerate(call.rows)

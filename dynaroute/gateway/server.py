@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -222,6 +223,11 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
         print(f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}{http}", flush=True)
         engine = await RayEngine.start(bundle, engine_config)
         slot.engine = engine
+        # What start-up allocated (torch, Ray, the router, the tokenizer: millions of objects)
+        # lives as long as the server. Left to the collector, every full collection walks it
+        # and stalls the event loop for ~250 ms, which was the whole tail of refusal latency
+        # under overload (p99 234 ms against 1.4 ms p50); frozen, a full collection takes ~5 ms.
+        gc.freeze()
         if not stop.is_set():  # a SIGTERM while the actors started: go straight to shutting down
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             print(
