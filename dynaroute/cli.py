@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC port binds")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one, printed when ready)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve KServe v2 over HTTP/REST on --host at this port (0: any free port, printed on "
+                   "the ready line; default: off)")
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: a free one)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics port binds")
     p.add_argument("--ray-address", default=None,

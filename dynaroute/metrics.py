@@ -78,7 +78,7 @@ INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["
 # The label values known in advance, whose children the engine creates at start (zero) so that
 # rate() and increase() see the first request, error or fallback rather than a series that
 # appears already at 1.
-APIS = ("native", "kserve")
+APIS = ("native", "kserve", "kserve_http")
 STATUSES = ("ok", *(status_label(code) for _, code in STATUS_CODES), "internal")
 FALLBACK_REASONS = ("expert_unavailable", "expert_error")
 

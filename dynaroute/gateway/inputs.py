@@ -14,7 +14,7 @@ import struct
 
 import numpy as np
 
-from dynaroute.errors import InvalidInputError, shown
+from dynaroute.errors import InvalidInputError, TooLargeError, shown
 
 # dtypes a tensor may be sent as (numpy names); anything else is not understood on the wire.
 WIRE_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
@@ -48,7 +48,7 @@ def decode_raw(field: str, dtype: str, shape: list[int], data: bytes) -> np.ndar
 def check_size(field: str, size: int, limit: int) -> None:
     """The servicers' own message size limit, checked before decoding anything."""
     if size > limit:
-        raise InvalidInputError(f"{field}: {size} bytes exceeds the server's limit of {limit} bytes")
+        raise TooLargeError(f"{field}: {size} bytes exceeds the server's limit of {limit} bytes")
 
 
 def decode_bytes_elements(field: str, raw: bytes, count: int) -> list[bytes]:

@@ -212,10 +212,17 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
     metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    logs.announce(__name__, f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}", bundle=str(bundle),
-                  grpc=f"{config.host}:{port}")
-    engine = None
+    engine = rest = None
     try:
+        http: dict[str, str] = {}  # the HTTP port's address on the starting and ready lines, when it is on
+        if config.http_port is not None:
+            from dynaroute.gateway.rest import RestServer
+
+            rest = RestServer(slot, config, lambda: slot.ready)
+            http["http"] = f"{config.host}:{await rest.start()}"
+        shown_http = "".join(f" http={a}" for a in http.values())
+        logs.announce(__name__, f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}{shown_http}",
+                      bundle=str(bundle), grpc=f"{config.host}:{port}", **http)
         engine = await RayEngine.start(bundle, engine_config)
         slot.engine = engine
         # What start-up allocated (torch, Ray, the router, the tokenizer: millions of objects)
@@ -228,8 +235,8 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
             metrics_address = f"{config.metrics_host}:{metrics_server.server_port}"
             logs.announce(
                 __name__, f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
-                f"metrics={metrics_address}", model=engine.model_name, grpc=f"{config.host}:{port}",
-                metrics=metrics_address,
+                f"metrics={metrics_address}{shown_http}", model=engine.model_name, grpc=f"{config.host}:{port}",
+                metrics=metrics_address, **http,
             )
             await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
@@ -241,6 +248,8 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
             await quiesce(slot, config.grace_s)
         # Every call in flight has been answered; calls still coming are cut at the socket, so
         # that none is answered CANCELLED by the server's stop.
+        if rest is not None:
+            await rest.stop()
         sever_connections(port)
         await server.stop(config.grace_s)
         if engine is not None:
@@ -255,9 +264,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     from dynaroute.config import PlacementConfig
 
     server = ServerConfig(
-        host=args.host, port=args.port, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        max_message_bytes=args.max_message_bytes, grace_s=args.grace_s, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
+        host=args.host, port=args.port, http_port=args.http_port, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes, grace_s=args.grace_s,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
     )
     placement = PlacementConfig.from_file(args.placement) if args.placement else None
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
