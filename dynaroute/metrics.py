@@ -12,6 +12,7 @@ servicer counts its calls itself); the servicers count in `dynaroute_requests_to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +165,38 @@ class ModelMetrics:
                 self.child(FALLBACKS, step.fallback_reason).inc()
         if outcome.escalations:
             self.escalations.inc(outcome.escalations)
+
+
+def replicas_live(model: str) -> dict[str, float]:
+    """expert -> dynaroute_expert_replicas_live of `model`, as exported now."""
+    return {
+        s.labels["expert"]: s.value
+        for family in REPLICAS_LIVE.collect()
+        for s in family.samples
+        if s.labels.get("model") == model
+    }
+
+
+def set_replicas_live(model: str, live: dict[str, float]) -> None:
+    for expert, value in live.items():
+        REPLICAS_LIVE.labels(model, expert).set(value)
+
+
+# The gauges that describe a served model's present (not its history, which the counters keep),
+# with their label names in declaration order.
+MODEL_GAUGES = ((REPLICAS_LIVE, ("model", "expert")), (QUEUE_DEPTH, ("model", "expert")), (INFLIGHT, ("model",)))
+
+
+def forget_model_gauges(model: str) -> None:
+    """Remove `model`'s gauge series, once it is no longer served (unloaded): a series left at
+    its last value would claim replicas, queues or requests for a model that has none, and a
+    replicas gauge left at 0 would fire the DynarouteExpertDown alert for good."""
+    for gauge, names in MODEL_GAUGES:
+        for family in gauge.collect():
+            for s in family.samples:
+                if s.labels.get("model") == model:
+                    with contextlib.suppress(KeyError):  # removed meanwhile
+                        gauge.remove(*(s.labels[n] for n in names))
 
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> None:

@@ -7,17 +7,20 @@ refused); the route and cost go back in response parameters: `route` and `cost` 
 with one entry per row, plus scalar totals (total_flops, full_flops, flops_ratio) that plain
 KServe clients can read, and `budget_out_of_reach` (with `budget_note`) when no calibrated
 point met the budget. One call counts once in dynaroute_requests_total, its rows in
-dynaroute_rows_total.
+dynaroute_rows_total. Each call names its model (`model_name`; version "1" or empty), looked
+up in the model repository, which the Repository* calls (Triton's model-repository extension)
+index, load, replace and unload.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import importlib.metadata
 import json
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -29,12 +32,12 @@ from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
+from dynaroute.gateway.repository import VERSION, Model, Repository
 from dynaroute.gateway.status import record_request, status_for
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.types import InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
 API = "kserve"
-VERSION = "1"
 # KServe v2 datatype <-> numpy dtype, and which typed `contents` field carries it.
 DATATYPES: dict[str, tuple[str, str]] = {
     "BOOL": ("bool", "bool_contents"),
@@ -55,6 +58,9 @@ DATATYPE_OF = {np_name: dt for dt, (np_name, _) in DATATYPES.items() if dt != "B
 OUTPUTS = ("logits", "label", "confidence")
 BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy")
 BUDGET_STRINGS = ("subnet", "policy")
+# Parameters of RepositoryModelUnload that are accepted (tritonclient always sends this one;
+# dynaroute's models have no dependents). Loads take none: the bundle is loaded as it is.
+UNLOAD_PARAMETERS = ("unload_dependents",)
 
 
 def _version() -> str:
@@ -116,44 +122,30 @@ def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[Any], list
     return inputs, outputs
 
 
+def check_repository_parameters(params: Mapping[str, Any], allowed: tuple[str, ...], call: str) -> None:
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        expected = f"only {list(allowed)}" if allowed else "none"
+        raise InvalidInputError(f"parameters: {call} does not take {[shown(n) for n in unknown[:4]]}; expected "
+                                f"{expected} (a bundle is loaded as it is in the repository folder)")
+
+
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 over the same engine as the native API."""
+    """KServe v2 over the same models as the native API, with the model-repository calls."""
 
-    def __init__(self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool]) -> None:
-        self.engine = engine
+    def __init__(self, models: Repository, max_message_bytes: int, is_ready: Callable[[], bool]) -> None:
+        self.models = models
         self.max_message_bytes = max_message_bytes
-        self.is_ready = is_ready
+        self.is_ready = is_ready  # the server's readiness (started, not draining); a model's is the repository's
+        # A loaded model's tensor metadata, built once (a replaced model is a new Model).
+        self._metadata_of: weakref.WeakKeyDictionary[Model, tuple[list[Any], list[Any]]] = weakref.WeakKeyDictionary()
 
-    # Read on first use, not at construction: the server registers this servicer before the
-    # engine has started (health says NOT_SERVING meanwhile).
-    @functools.cached_property
-    def spec(self) -> InputSpec:
-        return InputSpec.from_model_info(self.engine.model_info())
-
-    @functools.cached_property
-    def _metadata(self) -> tuple[list[Any], list[Any]]:
-        info = self.engine.model_info()
-        return metadata_tensors(self.spec, len(info["labels"]))
-
-    @property
-    def inputs(self) -> list[Any]:
-        return self._metadata[0]
-
-    @property
-    def outputs(self) -> list[Any]:
-        return self._metadata[1]
-
-    @property
-    def input_name(self) -> str:
-        return self.inputs[0].name
-
-    def _check_model(self, name: str, version: str, field: str = "name") -> None:
-        if name != self.engine.model_name:
-            raise ModelNotFoundError(
-                f"{field}: model {shown(name)} is not served here; expected {self.engine.model_name!r}"
-            )
-        if version not in ("", VERSION):
-            raise ModelNotFoundError(f"version: model {shown(name)} has only version {VERSION!r}, not {shown(version)}")
+    def metadata(self, model: Model) -> tuple[list[Any], list[Any]]:
+        """The model's (inputs, outputs) tensor metadata."""
+        meta = self._metadata_of.get(model)
+        if meta is None:
+            meta = self._metadata_of[model] = metadata_tensors(model.spec, len(model.engine.model_info()["labels"]))
+        return meta
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
         await context.abort(*status_for(e))
@@ -165,47 +157,96 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.is_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        """A model of the repository that is not serving (loading, unloading, unloaded) is not
+        ready; a name the repository does not know is NOT_FOUND."""
         try:
-            self._check_model(request.name, request.version)
-        except (ModelNotFoundError, UnavailableError) as e:
+            self.models.check(request.name, request.version, field="name")
+        except ModelNotFoundError as e:
             await self._fail(context, e)
-        return pb.ModelReadyResponse(ready=self.is_ready())
+        return pb.ModelReadyResponse(ready=self.is_ready() and self.models.ready(request.name))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="dynaroute", version=_version(), extensions=[])
+        return pb.ServerMetadataResponse(name="dynaroute", version=_version(), extensions=["model_repository"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            self._check_model(request.name, request.version)
+            model = self.models.get(request.name, request.version, field="name")
+            inputs, outputs = self.metadata(model)
             return pb.ModelMetadataResponse(
-                name=self.engine.model_name, versions=[VERSION], platform="dynaroute", inputs=self.inputs,
-                outputs=self.outputs,
+                name=model.name, versions=[VERSION], platform="dynaroute", inputs=inputs, outputs=outputs,
             )
         except (ModelNotFoundError, UnavailableError) as e:
             await self._fail(context, e)
 
+    # -- the model repository (Triton's extension) ------------------------------------------------
+
+    def _check_repository(self, name: str) -> None:
+        if name:
+            raise ModelNotFoundError(f"repository_name: {shown(name)} is not a repository here; this server has one, "
+                                     f"{str(self.models.root)!r}: leave the field empty")
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._check_repository(request.repository_name)
+        except ModelNotFoundError as e:
+            await self._fail(context, e)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=r.name, version=r.version, state=r.state.value, reason=r.reason)
+            for r in self.models.index(ready_only=request.ready)
+        ])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> Any:
+        """Load the model, or replace it when loaded; answers once it serves."""
+        try:
+            self._check_repository(request.repository_name)
+            check_repository_parameters(request.parameters, (), "RepositoryModelLoad")
+            if not request.model_name:
+                raise InvalidInputError("model_name: empty; expected the name of a bundle in the repository")
+            await self.models.load(request.model_name)
+        except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+            await self._fail(context, e)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> Any:
+        """Unload the model; answers once its in-flight requests have finished and its experts
+        have stopped."""
+        try:
+            self._check_repository(request.repository_name)
+            check_repository_parameters(request.parameters, UNLOAD_PARAMETERS, "RepositoryModelUnload")
+            if not request.model_name:
+                raise InvalidInputError("model_name: empty; expected the name of a loaded model")
+            await self.models.unload(request.model_name)
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, e)
+        return pb.RepositoryModelUnloadResponse()
+
     # -- ModelInfer ---------------------------------------------------------------------------
 
-    def _decode_rows(self, req: pb.ModelInferRequest) -> list[np.ndarray] | list[str]:
+    def _decode_rows(self, req: pb.ModelInferRequest, model: Model) -> list[np.ndarray] | list[str]:
         """The request's one input -> one example per row, checked against the model's spec."""
+        spec = model.spec
+        wanted = self.metadata(model)[0][0]
         if len(req.inputs) != 1:
             raise InvalidInputError(
-                f"inputs: got {len(req.inputs)} input tensors, expected 1 named {self.input_name!r}"
+                f"inputs: got {len(req.inputs)} input tensors, expected 1 named {wanted.name!r}"
             )
         t = req.inputs[0]
         field = "inputs[0]"
-        if t.name != self.input_name:
-            raise InvalidInputError(f"{field}.name: got {shown(t.name)}, expected {self.input_name!r}")
-        want = self.inputs[0].datatype
+        if t.name != wanted.name:
+            raise InvalidInputError(f"{field}.name: got {shown(t.name)}, expected {wanted.name!r}")
+        want = wanted.datatype
         if t.datatype != want:
             raise InvalidInputError(f"{field}.datatype: got {shown(t.datatype)}, expected {want!r}")
         shape = [int(d) for d in t.shape]
-        if self.spec.is_text:
+        if spec.is_text:
             ok = len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)
             expected = "[N] or [N, 1] with N >= 1"
         else:
-            ok = len(shape) == len(self.spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == self.spec.shape
-            expected = f"[N, {', '.join(map(str, self.spec.shape))}] with N >= 1"
+            ok = len(shape) == len(spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == spec.shape
+            expected = f"[N, {', '.join(map(str, spec.shape))}] with N >= 1"
         if not ok:
             raise InvalidInputError(f"{field}.shape: got {shown(shape)}, expected {expected}")
         count = math.prod(shape)
@@ -218,7 +259,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if t.HasField("contents"):
                 raise InvalidInputError(f"{field}.contents: set together with raw_input_contents; use one of them")
             raw = req.raw_input_contents[0]
-            if self.spec.is_text:
+            if spec.is_text:
                 values: Any = decode_bytes_elements("raw_input_contents[0]", raw, count)
             else:
                 itemsize = np.dtype(np_name).itemsize
@@ -234,7 +275,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"{field}.contents.{contents_field or 'raw_input_contents'}: {len(values)} values, "
                     f"but shape {shape} needs {count}"
                 )
-        if self.spec.is_text:
+        if spec.is_text:
             rows: list[str] = []
             for i, b in enumerate(values):
                 try:
@@ -243,7 +284,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     raise InvalidInputError(f"{field} row {i}: not UTF-8 text") from None
             return rows
         arr = np.asarray(values, dtype=np_name).reshape(shape)
-        return [check_example(f"{field} row {i}", arr[i], self.spec) for i in range(shape[0])]
+        return [check_example(f"{field} row {i}", arr[i], spec) for i in range(shape[0])]
 
     def _requested_outputs(self, req: pb.ModelInferRequest) -> list[str]:
         names = [o.name for o in req.outputs] or list(OUTPUTS)
@@ -252,14 +293,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInputError(f"outputs: unknown output {shown(n)}; expected some of {list(OUTPUTS)}")
         return names
 
-    def _encode(self, req: pb.ModelInferRequest, names: list[str], results: list[InferResult]) -> Any:
+    def _encode(self, req: pb.ModelInferRequest, names: list[str], results: list[InferResult], model: str) -> Any:
         n = len(results)
         arrays = {
             "logits": np.stack([r.logits.reshape(-1) for r in results]).astype("<f4"),
             "label": np.asarray([r.label for r in results], dtype="<i8"),
             "confidence": np.asarray([r.confidence for r in results], dtype="<f4"),
         }
-        resp = pb.ModelInferResponse(model_name=self.engine.model_name, model_version=VERSION, id=req.id)
+        resp = pb.ModelInferResponse(model_name=model, model_version=VERSION, id=req.id)
         for name in names:
             a = arrays[name]
             resp.outputs.add(name=name, datatype=DATATYPE_OF[str(a.dtype.newbyteorder("="))], shape=list(a.shape))
@@ -293,42 +334,39 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         name = request.model_name
-        try:
-            check_size("request", request.ByteSize(), self.max_message_bytes)
-            self._check_model(name, request.model_version, field="model_name")
-            budget = decode_budget(request.parameters)
-            names = self._requested_outputs(request)
-            rows = self._decode_rows(request)
-            if len(rows) > 1:
-                self.engine.admit(len(rows))
-        except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            code, message = status_for(e)
-            # Refused before the engine. Unknown names are not echoed into labels: a client must
-            # not grow the label set.
+        with contextlib.ExitStack() as held:  # the model is held until every row is answered
             try:
-                model = self.engine.model_name if name == self.engine.model_name else "unknown"
-            except UnavailableError:
-                model = "unknown"
-            record_request(model, API, code)
-            await context.abort(code, message)
-        deadline = deadline_of(context)
-        flow = object()  # this call's rows take turns with other calls in every queue
-        requests = [
-            InferRequest(
-                model=name, id=f"{request.id}/{i}" if len(rows) > 1 else request.id, budget=budget,
-                deadline=deadline, api=API, count_request=False, admitted=len(rows) > 1, flow=flow,
-                **({"text": r} if isinstance(r, str) else {"tensor": r}),
-            )
-            for i, r in enumerate(rows)
-        ]
-        try:
-            # Each row is one engine request (which counts it in dynaroute_rows_total); they run
-            # concurrently. The call is counted here, once, with its final status.
-            results = await asyncio.gather(*(self.engine.infer(r) for r in requests))
-        except BaseException as e:
-            metrics.record_request(name, API, metrics.status_of(e))
-            if not isinstance(e, Exception):  # cancelled: the caller has gone
-                raise
-            await context.abort(*status_for(e))
-        metrics.record_request(name, API, "ok")
-        return self._encode(request, names, list(results))
+                check_size("request", request.ByteSize(), self.max_message_bytes)
+                model = held.enter_context(self.models.use(name, request.model_version, field="model_name"))
+                budget = decode_budget(request.parameters)
+                names = self._requested_outputs(request)
+                rows = self._decode_rows(request, model)
+                if len(rows) > 1:
+                    model.engine.admit(len(rows))
+            except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+                code, message = status_for(e)
+                # Refused before the engine. Unknown names are not echoed into labels: a client
+                # must not grow the label set.
+                record_request(self.models.label(name), API, code)
+                await context.abort(code, message)
+            deadline = deadline_of(context)
+            flow = object()  # this call's rows take turns with other calls in every queue
+            requests = [
+                InferRequest(
+                    model=name, id=f"{request.id}/{i}" if len(rows) > 1 else request.id, budget=budget,
+                    deadline=deadline, api=API, count_request=False, admitted=len(rows) > 1, flow=flow,
+                    **({"text": r} if isinstance(r, str) else {"tensor": r}),
+                )
+                for i, r in enumerate(rows)
+            ]
+            try:
+                # Each row is one engine request (which counts it in dynaroute_rows_total); they
+                # run concurrently. The call is counted here, once, with its final status.
+                results = await asyncio.gather(*(model.engine.infer(r) for r in requests))
+            except BaseException as e:
+                metrics.record_request(name, API, metrics.status_of(e))
+                if not isinstance(e, Exception):  # cancelled: the caller has gone
+                    raise
+                await context.abort(*status_for(e))
+            metrics.record_request(name, API, "ok")
+            return self._encode(request, names, list(results), model.name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,11 +12,12 @@ import grpc
 
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
-from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
+from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError
 from dynaroute.gateway.decoding import Undecodable
-from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_raw
+from dynaroute.gateway.inputs import check_example, check_size, check_text, decode_raw
+from dynaroute.gateway.repository import Model, Repository
 from dynaroute.gateway.status import record_request, status_for
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.types import InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
 API = "native"
@@ -98,90 +99,82 @@ def encode_result(result: InferResult, model: str) -> pb.InferReply:
 
 
 class NativeServicer(pb_grpc.DynarouteServicer):
-    """Decodes and checks each request, calls `engine.infer`, encodes the answer. Errors go
-    through gateway.status, the one mapping of exceptions to status codes."""
+    """Decodes and checks each request, calls its model's engine, encodes the answer. The
+    model is looked up in the repository by the request's `model` (empty: the only model).
+    Errors go through gateway.status, the one mapping of exceptions to status codes."""
 
     def __init__(
-        self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool], max_stream_inflight: int = 256
+        self, models: Repository, max_message_bytes: int, is_ready: Callable[[], bool], max_stream_inflight: int = 256
     ) -> None:
-        self.engine = engine
+        self.models = models
         self.max_message_bytes = max_message_bytes
-        self.is_ready = is_ready
+        self.is_ready = is_ready  # the server's readiness (started, not draining); a model's is the repository's
         self.max_stream_inflight = max_stream_inflight
 
-    @functools.cached_property
-    def spec(self) -> InputSpec:
-        # Read on first use, not at construction: the server registers this servicer before
-        # the engine has started (health says NOT_SERVING meanwhile).
-        return InputSpec.from_model_info(self.engine.model_info())
-
-    def _model_label(self, name: str) -> str:
-        # Unknown names are not echoed into labels: a client must not grow the label set.
-        try:
-            served = self.engine.model_name
-        except UnavailableError:  # still starting
-            return "unknown"
-        return served if name in ("", served) else "unknown"
-
-    def _check_model(self, name: str) -> None:
-        if name and name != self.engine.model_name:
-            raise ModelNotFoundError(f"model: {shown(name)} is not served here; expected {self.engine.model_name!r}")
-
-    def decode(self, msg: pb.InferRequest, deadline: float | None) -> InferRequest:
-        """Wire request -> engine request; raises InvalidInputError / ModelNotFoundError."""
-        check_size("request", msg.ByteSize(), self.max_message_bytes)
-        self._check_model(msg.model)
+    def decode(self, msg: pb.InferRequest, deadline: float | None, model: Model) -> InferRequest:
+        """Wire request -> engine request for `model`; raises InvalidInputError. The caller has
+        checked the message's size."""
+        spec = model.spec
         kind = msg.WhichOneof("input")
         if kind is None:
-            raise InvalidInputError(f"input: neither tensor nor text is set; expected {self.spec.kind}")
-        if self.spec.is_text and kind != "text":
-            raise InvalidInputError(f"input: got a tensor, but model {self.engine.model_name!r} expects text")
-        if not self.spec.is_text and kind != "tensor":
+            raise InvalidInputError(f"input: neither tensor nor text is set; expected {spec.kind}")
+        if spec.is_text and kind != "text":
+            raise InvalidInputError(f"input: got a tensor, but model {model.name!r} expects text")
+        if not spec.is_text and kind != "tensor":
             raise InvalidInputError(
-                f"input: got text, but model {self.engine.model_name!r} expects a tensor of dtype "
-                f"{self.spec.dtype} and shape {list(self.spec.shape)}"
+                f"input: got text, but model {model.name!r} expects a tensor of dtype "
+                f"{spec.dtype} and shape {list(spec.shape)}"
             )
         tensor = text = None
         if kind == "tensor":
             t = msg.tensor
-            tensor = check_example("tensor", decode_raw("tensor", t.dtype, list(t.shape), t.data), self.spec)
+            tensor = check_example("tensor", decode_raw("tensor", t.dtype, list(t.shape), t.data), spec)
         else:
             text = check_text("text", msg.text)
         return InferRequest(
-            model=self.engine.model_name, id=msg.id, tensor=tensor, text=text,
-            budget=decode_budget(msg.budget), deadline=deadline,
+            model=model.name, id=msg.id, tensor=tensor, text=text, budget=decode_budget(msg.budget), deadline=deadline,
         )
 
+    def _take(
+        self, held: contextlib.ExitStack, msg: pb.InferRequest, deadline: float | None
+    ) -> tuple[Model, InferRequest]:
+        """Check the message's size, hold its model for the call (`held`), decode it."""
+        check_size("request", msg.ByteSize(), self.max_message_bytes)
+        model = held.enter_context(self.models.use(self.models.resolve(msg.model)))
+        return model, self.decode(msg, deadline, model)
+
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
-        try:
-            engine_request = self.decode(request, deadline_of(context))
-        except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            code, message = status_for(e)
-            record_request(self._model_label(request.model), API, code)  # refused before the engine
-            await context.abort(code, message)
-        try:
-            result = await self.engine.infer(engine_request)  # the engine counts what it answers or refuses
-        except Exception as e:  # noqa: BLE001
-            await context.abort(*status_for(e))
-        return encode_result(result, self.engine.model_name)
+        with contextlib.ExitStack() as held:
+            try:
+                model, engine_request = self._take(held, request, deadline_of(context))
+            except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+                code, message = status_for(e)
+                record_request(self.models.label(request.model), API, code)  # refused before the engine
+                await context.abort(code, message)
+            try:
+                result = await model.engine.infer(engine_request)  # the engine counts what it answers or refuses
+            except Exception as e:  # noqa: BLE001
+                await context.abort(*status_for(e))
+            return encode_result(result, model.name)
 
     async def _stream_one(self, msg: pb.InferRequest | Undecodable, deadline: float | None) -> pb.InferStreamReply:
         # A message that did not decode has no id to answer with: its reply's id is empty.
-        msg_id, model = ("", "") if isinstance(msg, Undecodable) else (msg.id, msg.model)
-        try:
+        msg_id, name = ("", "") if isinstance(msg, Undecodable) else (msg.id, msg.model)
+        with contextlib.ExitStack() as held:
             try:
-                if isinstance(msg, Undecodable):
-                    raise InvalidInputError(msg.message)
-                engine_request = self.decode(msg, deadline)
-            except Exception as e:
-                record_request(self._model_label(model), API, status_for(e)[0])
-                raise
-            result = await self.engine.infer(engine_request)
-        except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on
-            code, message = status_for(e)
-            error = pb.Error(code=code.value[0], code_name=code.name, message=message)
-            return pb.InferStreamReply(id=msg_id, error=error)
-        return pb.InferStreamReply(id=msg_id, reply=encode_result(result, self.engine.model_name))
+                try:
+                    if isinstance(msg, Undecodable):
+                        raise InvalidInputError(msg.message)
+                    model, engine_request = self._take(held, msg, deadline)
+                except Exception as e:
+                    record_request(self.models.label(name), API, status_for(e)[0])
+                    raise
+                result = await model.engine.infer(engine_request)
+            except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on
+                code, message = status_for(e)
+                error = pb.Error(code=code.value[0], code_name=code.name, message=message)
+                return pb.InferStreamReply(id=msg_id, error=error)
+            return pb.InferStreamReply(id=msg_id, reply=encode_result(result, model.name))
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest | Undecodable], context: grpc.aio.ServicerContext
@@ -221,15 +214,15 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         finally:
             reader.cancel()
 
+    def _info(self, model: Model) -> pb.ModelInfo:
+        return model_info_message(model.engine.model_info(), self.is_ready() and self.models.ready(model.name))
+
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            self._check_model(request.model)
-            return model_info_message(self.engine.model_info(), self.is_ready())
-        except (ModelNotFoundError, UnavailableError) as e:
+            return self._info(self.models.get(self.models.resolve(request.model)))
+        except (InvalidInputError, ModelNotFoundError, UnavailableError) as e:
             await context.abort(*status_for(e))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
-        try:
-            return pb.ListModelsReply(models=[model_info_message(self.engine.model_info(), self.is_ready())])
-        except UnavailableError as e:
-            await context.abort(*status_for(e))
+        """The loaded models (RepositoryIndex lists the folder's, loaded or not)."""
+        return pb.ListModelsReply(models=[self._info(m) for m in self.models.loaded()])
