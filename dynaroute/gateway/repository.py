@@ -236,9 +236,9 @@ class Repository:
     def use(self, name: str, version: str = "", field: str = "model") -> Iterator[Model]:
         """Hold the model `name` for one request: it is not closed (by an unload, a replace or
         the shutdown) until the request is done."""
+        self.last_call = time.monotonic()  # refused calls too: the shutdown waits for the calls to stop coming
         model = self.get(name, version, field)
         model.acquire()
-        self.last_call = time.monotonic()
         try:
             yield model
         finally:
