@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the bundle's manifest records")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("serve", help="serve a bundle over gRPC on Ray")
-    p.add_argument("bundle")
+    p = sub.add_parser("serve", help="serve a bundle, or a folder of bundles, over gRPC on Ray")
+    p.add_argument("bundle", help="a bundle, or a model repository: a folder whose sub-folders are bundles")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464)
