@@ -120,7 +120,8 @@ def scan_folder(root: Path) -> Scan:
     Only the manifests are read (their `name`); `Bundle.load` checks the rest when loading."""
     root = Path(root)
     if not root.is_dir():
-        raise BundleError(f"model repository {str(root)!r} is not a folder; expected a bundle or a folder of bundles")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise BundleError(f"{str(root)!r} {what}; expected a bundle or a folder of bundles")
     folders = [root] if (root / MANIFEST).is_file() else sorted(
         p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()
     )

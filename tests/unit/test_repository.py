@@ -170,8 +170,11 @@ async def test_loading_names_what_is_wrong(repo_dir):
 def test_a_folder_without_bundles_is_refused(tmp_path):
     with pytest.raises(BundleError, match="neither a bundle"):
         bundles_in(tmp_path)
-    with pytest.raises(BundleError, match="not a folder"):
+    with pytest.raises(BundleError, match="does not exist"):
         bundles_in(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BundleError, match="is not a folder"):
+        bundles_in(tmp_path / "file")
 
 
 async def test_shutdown_drains_then_closes_every_engine(repo_dir):
