@@ -408,12 +408,12 @@ class Repository:
     async def _drain_and_close(self, model: Model, replaced: bool) -> None:
         """Drain, then close an engine that no longer takes requests. Its gauges are shared with
         the engine that replaced it (same model and expert labels), which the old engine's close
-        zeroes: they are put back. An unloaded model's gauges are removed, so that no series
-        claims replicas (or alerts on none) for a model that is not served."""
+        zeroes (replicas live, queue depth): they are put back. An unloaded model's gauges are
+        removed, so that no series claims replicas (or alerts on none) for a model not served."""
         await model.drain()
-        live = metrics.replicas_live(model.name) if replaced else {}
+        shared = metrics.set_gauge_values(model.name) if replaced else []
         await model.engine.close()
         if replaced:
-            metrics.set_replicas_live(model.name, live)
+            metrics.restore_gauge_values(shared)
         else:
             metrics.forget_model_gauges(model.name)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from dynaroute import metrics
 from dynaroute.config import EngineConfig
@@ -74,7 +75,9 @@ def make_repository(root: Path) -> tuple[Repository, list[StandInEngine], list[t
 
 
 def gauge(model: str) -> dict[str, float]:
-    return metrics.replicas_live(model)
+    """expert -> dynaroute_expert_replicas_live of `model` (the stand-in has one expert)."""
+    value = REGISTRY.get_sample_value("dynaroute_expert_replicas_live", {"model": model, "expert": "expert-0"})
+    return {} if value is None else {"expert-0": value}
 
 
 async def test_every_bundle_of_the_folder_is_served_by_its_own_engine(repo_dir):
