@@ -6,7 +6,7 @@ CONTRACT (shared with the gRPC layer): the names and label sets below. Who recor
 The engine records everything for each row that reaches `RayEngine.infer`, including both
 counters (`dynaroute_requests_total` only when `InferRequest.count_request`: the KServe
 servicer counts its calls itself); the servicers count in `dynaroute_requests_total`, via
-`record_request`, the requests they refuse before calling the engine (a wire problem).
+`record_refused`, the requests they refuse before calling the engine (a wire problem).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from dynaroute.gateway.status import STATUS_CODES, status_label
@@ -94,6 +95,12 @@ def status_of(error: BaseException | None) -> str:
         if isinstance(error, cls):
             return status_label(code)
     return "internal"
+
+
+def record_refused(model: str, api: str, code: grpc.StatusCode) -> None:
+    """Count a request the servicers refused before the engine saw it (a wire problem), with the
+    status code it was answered with; the engine counts the requests it handles."""
+    record_request(model, api, status_label(code))
 
 
 def record_request(model: str, api: str, status: str) -> None:

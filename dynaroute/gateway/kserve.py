@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import math
 import weakref
@@ -26,14 +25,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from dynaroute import metrics
+from dynaroute import __version__, metrics
 from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
+from dynaroute.codec import InputSpec
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
-from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
+from dynaroute.gateway.inputs import check_size, decode_bytes_elements
 from dynaroute.gateway.native import deadline_of
 from dynaroute.gateway.repository import VERSION, Model, Repository
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
@@ -61,13 +61,6 @@ BUDGET_STRINGS = ("subnet", "policy")
 # Parameters of RepositoryModelUnload that are accepted (tritonclient always sends this one;
 # dynaroute's models have no dependents). Loads take none: the bundle is loaded as it is.
 UNLOAD_PARAMETERS = ("unload_dependents",)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("dynaroute")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
 
 
 def _param_value(p: pb.InferParameter) -> Any:
@@ -110,7 +103,7 @@ def decode_budget(params: Any) -> Budget:
 
 def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[Any], list[Any]]:
     meta = pb.ModelMetadataResponse.TensorMetadata
-    if spec.is_text:
+    if spec.wire == "text":
         inputs = [meta(name="text", datatype="BYTES", shape=[-1])]
     else:
         inputs = [meta(name="input", datatype=DATATYPE_OF[spec.dtype], shape=[-1, *spec.shape])]
@@ -144,7 +137,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The model's (inputs, outputs) tensor metadata."""
         meta = self._metadata_of.get(model)
         if meta is None:
-            meta = self._metadata_of[model] = metadata_tensors(model.spec, len(model.engine.model_info()["labels"]))
+            labels = model.engine.model_info()["labels"]
+            meta = self._metadata_of[model] = metadata_tensors(model.codec.spec, len(labels))
         return meta
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
@@ -166,7 +160,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.is_ready() and self.models.ready(request.name))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="dynaroute", version=_version(), extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name="dynaroute", version=__version__, extensions=["model_repository"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -227,7 +221,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _decode_rows(self, req: pb.ModelInferRequest, model: Model) -> list[np.ndarray] | list[str]:
         """The request's one input -> one example per row, checked against the model's spec."""
-        spec = model.spec
+        codec = model.codec
         wanted = self.metadata(model)[0][0]
         if len(req.inputs) != 1:
             raise InvalidInputError(
@@ -241,7 +235,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if t.datatype != want:
             raise InvalidInputError(f"{field}.datatype: got {shown(t.datatype)}, expected {want!r}")
         shape = [int(d) for d in t.shape]
-        if spec.is_text:
+        spec, text = codec.spec, codec.spec.wire == "text"
+        if text:
             ok = len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)
             expected = "[N] or [N, 1] with N >= 1"
         else:
@@ -259,7 +254,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if t.HasField("contents"):
                 raise InvalidInputError(f"{field}.contents: set together with raw_input_contents; use one of them")
             raw = req.raw_input_contents[0]
-            if spec.is_text:
+            if text:
                 values: Any = decode_bytes_elements("raw_input_contents[0]", raw, count)
             else:
                 itemsize = np.dtype(np_name).itemsize
@@ -275,16 +270,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"{field}.contents.{contents_field or 'raw_input_contents'}: {len(values)} values, "
                     f"but shape {shape} needs {count}"
                 )
-        if spec.is_text:
+        if text:
             rows: list[str] = []
             for i, b in enumerate(values):
                 try:
-                    rows.append(check_text(f"{field} row {i}", b.decode("utf-8")))
+                    rows.append(codec.check(f"{field} row {i}", b.decode("utf-8")))
                 except UnicodeDecodeError:
                     raise InvalidInputError(f"{field} row {i}: not UTF-8 text") from None
             return rows
         arr = np.asarray(values, dtype=np_name).reshape(shape)
-        return [check_example(f"{field} row {i}", arr[i], spec) for i in range(shape[0])]
+        return [codec.check(f"{field} row {i}", arr[i]) for i in range(shape[0])]
 
     def _requested_outputs(self, req: pb.ModelInferRequest) -> list[str]:
         names = [o.name for o in req.outputs] or list(OUTPUTS)
@@ -347,7 +342,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code, message = status_for(e)
                 # Refused before the engine. Unknown names are not echoed into labels: a client
                 # must not grow the label set.
-                record_request(self.models.label(name), API, code)
+                metrics.record_refused(self.models.label(name), API, code)
                 await context.abort(code, message)
             deadline = deadline_of(context)
             flow = object()  # this call's rows take turns with other calls in every queue

@@ -10,13 +10,14 @@ from typing import Any
 
 import grpc
 
+from dynaroute import metrics
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
-from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.decoding import Undecodable
-from dynaroute.gateway.inputs import check_example, check_size, check_text, decode_raw
+from dynaroute.gateway.inputs import check_size, decode_raw
 from dynaroute.gateway.repository import Model, Repository
-from dynaroute.gateway.status import record_request, status_for
+from dynaroute.gateway.status import status_for
 from dynaroute.gateway.types import InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
@@ -98,10 +99,17 @@ def encode_result(result: InferResult, model: str) -> pb.InferReply:
     )
 
 
+def error_message(e: Exception) -> pb.Error:
+    """One message's error (a stream message, a batch row): its status code and message."""
+    code, message = status_for(e)
+    return pb.Error(code=code.value[0], code_name=code.name, message=message)
+
+
 class NativeServicer(pb_grpc.DynarouteServicer):
     """Decodes and checks each request, calls its model's engine, encodes the answer. The
-    model is looked up in the repository by the request's `model` (empty: the only model).
-    Errors go through gateway.status, the one mapping of exceptions to status codes."""
+    model is looked up in the repository by the request's `model` (empty: the only model) and
+    held for the call. Errors go through gateway.status, the one mapping of exceptions to
+    status codes."""
 
     def __init__(
         self, models: Repository, max_message_bytes: int, is_ready: Callable[[], bool], max_stream_inflight: int = 256
@@ -111,45 +119,119 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         self.is_ready = is_ready  # the server's readiness (started, not draining); a model's is the repository's
         self.max_stream_inflight = max_stream_inflight
 
+    def _hold(self, held: contextlib.ExitStack, msg: pb.InferRequest | pb.InferBatchRequest) -> Model:
+        """Check the message's size, then hold the model it names for the call (`held`)."""
+        check_size("request", msg.ByteSize(), self.max_message_bytes)
+        return held.enter_context(self.models.use(self.models.resolve(msg.model)))
+
     def decode(self, msg: pb.InferRequest, deadline: float | None, model: Model) -> InferRequest:
         """Wire request -> engine request for `model`; raises InvalidInputError. The caller has
         checked the message's size."""
-        spec = model.spec
         kind = msg.WhichOneof("input")
+        codec = model.codec
+        spec = codec.spec
         if kind is None:
-            raise InvalidInputError(f"input: neither tensor nor text is set; expected {spec.kind}")
-        if spec.is_text and kind != "text":
-            raise InvalidInputError(f"input: got a tensor, but model {model.name!r} expects text")
-        if not spec.is_text and kind != "tensor":
+            raise InvalidInputError(f"input: neither tensor nor text is set; expected {spec.wire}")
+        if kind != spec.wire:
             raise InvalidInputError(
-                f"input: got text, but model {model.name!r} expects a tensor of dtype "
-                f"{spec.dtype} and shape {list(spec.shape)}"
+                f"input: got {'a tensor' if kind == 'tensor' else 'text'}, but model {model.name!r} "
+                f"expects {spec.describe()}"
             )
         tensor = text = None
         if kind == "tensor":
             t = msg.tensor
-            tensor = check_example("tensor", decode_raw("tensor", t.dtype, list(t.shape), t.data), spec)
+            x = decode_raw("tensor", t.dtype, list(t.shape), t.data)
+            if x.ndim == len(spec.shape) + 1 and x.shape[1:] == spec.shape and len(x) > 1:
+                raise InvalidInputError(f"tensor.shape: got {shown(list(x.shape))}, {len(x)} examples; Infer takes "
+                                        f"one, of shape {list(spec.shape)}: send several with InferBatch")
+            tensor = codec.check("tensor", x)
         else:
-            text = check_text("text", msg.text)
+            text = codec.check("text", msg.text)
         return InferRequest(
-            model=model.name, id=msg.id, tensor=tensor, text=text, budget=decode_budget(msg.budget), deadline=deadline,
+            model=model.name, id=msg.id, tensor=tensor, text=text,
+            budget=decode_budget(msg.budget), deadline=deadline,
         )
 
-    def _take(
-        self, held: contextlib.ExitStack, msg: pb.InferRequest, deadline: float | None
-    ) -> tuple[Model, InferRequest]:
-        """Check the message's size, hold its model for the call (`held`), decode it."""
-        check_size("request", msg.ByteSize(), self.max_message_bytes)
-        model = held.enter_context(self.models.use(self.models.resolve(msg.model)))
-        return model, self.decode(msg, deadline, model)
+    def decode_batch(self, msg: pb.InferBatchRequest, deadline: float | None, model: Model) -> list[InferRequest]:
+        """Wire batch -> one engine request per row for `model`. What concerns the whole call
+        (size and model, checked by the caller; budget, dtype, the [N, ...] shape) is checked
+        here and refuses it; each row's values are checked by the engine, which answers that row
+        alone with an error."""
+        name = model.name
+        if msg.HasField("tensor") and msg.texts:
+            raise InvalidInputError("tensor and texts: both are set; expected one of them")
+        rows: list[dict[str, Any]]
+        spec = model.codec.spec
+        if spec.wire == "text":
+            if msg.HasField("tensor"):
+                raise InvalidInputError(f"tensor: got a tensor, but model {name!r} expects texts")
+            if not msg.texts:
+                raise InvalidInputError("texts: empty; expected N >= 1 sentences")
+            rows = [{"text": t} for t in msg.texts]
+        else:
+            example = ", ".join(map(str, spec.shape))
+            if msg.texts:
+                raise InvalidInputError(f"texts: got texts, but model {name!r} expects a tensor of dtype "
+                                        f"{spec.dtype} and shape [N, {example}]")
+            if not msg.HasField("tensor"):
+                raise InvalidInputError(f"tensor: not set; expected dtype {spec.dtype} and shape [N, {example}]")
+            t = msg.tensor
+            x = decode_raw("tensor", t.dtype, list(t.shape), t.data)
+            if str(x.dtype) != spec.dtype:
+                raise InvalidInputError(f"tensor.dtype: got {x.dtype}, expected {spec.dtype}")
+            if x.ndim != len(spec.shape) + 1 or x.shape[1:] != spec.shape or x.shape[0] < 1:
+                raise InvalidInputError(f"tensor.shape: got {shown(list(x.shape))}, expected [N, {example}] "
+                                        "with N >= 1 (N examples)")
+            rows = [{"tensor": row} for row in x]
+        budget = decode_budget(msg.budget)
+        many = len(rows) > 1
+        flow = object()  # this call's rows take turns with other calls in every queue
+        return [
+            InferRequest(model=name, id=f"{msg.id}/{i}" if msg.id else str(i), budget=budget, deadline=deadline,
+                         api=API, count_request=False, admitted=many, flow=flow, **row)
+            for i, row in enumerate(rows)
+        ]
+
+    async def InferBatch(self, request: pb.InferBatchRequest, context: grpc.aio.ServicerContext) -> pb.InferBatchReply:
+        """A batch is admitted whole (`Engine.admit`, as a KServe batch) or refused whole; then
+        its rows run concurrently and each answers for itself. The call counts once in
+        dynaroute_requests_total (OK once admitted), each row in dynaroute_rows_total."""
+        with contextlib.ExitStack() as held:  # the model is held until every row is answered
+            try:
+                served = self._hold(held, request)
+                rows = self.decode_batch(request, deadline_of(context), served)
+                if len(rows) > 1:
+                    served.engine.admit(len(rows))
+            except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+                code, message = status_for(e)
+                metrics.record_refused(self.models.label(request.model), API, code)
+                await context.abort(code, message)
+            model = served.name
+            try:
+                results = await asyncio.gather(*(served.engine.infer(r) for r in rows), return_exceptions=True)
+            except BaseException as e:  # cancelled: the caller has gone
+                metrics.record_request(model, API, metrics.status_of(e))
+                raise
+            out = []
+            for result in results:
+                if isinstance(result, InferResult):
+                    out.append(pb.InferBatchRow(reply=encode_result(result, model)))
+                elif isinstance(result, Exception):
+                    out.append(pb.InferBatchRow(error=error_message(result)))
+                else:  # a BaseException of a row (cancellation) ends the call
+                    metrics.record_request(model, API, metrics.status_of(result))
+                    raise result
+            metrics.record_request(model, API, "ok")
+            return pb.InferBatchReply(id=request.id, model=model, rows=out)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
         with contextlib.ExitStack() as held:
             try:
-                model, engine_request = self._take(held, request, deadline_of(context))
+                model = self._hold(held, request)
+                engine_request = self.decode(request, deadline_of(context), model)
             except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
                 code, message = status_for(e)
-                record_request(self.models.label(request.model), API, code)  # refused before the engine
+                metrics.record_refused(self.models.label(request.model), API, code)  # refused before the engine
                 await context.abort(code, message)
             try:
                 result = await model.engine.infer(engine_request)  # the engine counts what it answers or refuses
@@ -165,15 +247,14 @@ class NativeServicer(pb_grpc.DynarouteServicer):
                 try:
                     if isinstance(msg, Undecodable):
                         raise InvalidInputError(msg.message)
-                    model, engine_request = self._take(held, msg, deadline)
+                    model = self._hold(held, msg)
+                    engine_request = self.decode(msg, deadline, model)
                 except Exception as e:
-                    record_request(self.models.label(name), API, status_for(e)[0])
+                    metrics.record_refused(self.models.label(name), API, status_for(e)[0])
                     raise
                 result = await model.engine.infer(engine_request)
             except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on
-                code, message = status_for(e)
-                error = pb.Error(code=code.value[0], code_name=code.name, message=message)
-                return pb.InferStreamReply(id=msg_id, error=error)
+                return pb.InferStreamReply(id=msg_id, error=error_message(e))
             return pb.InferStreamReply(id=msg_id, reply=encode_result(result, model.name))
 
     async def InferStream(

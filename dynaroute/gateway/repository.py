@@ -33,9 +33,9 @@ from typing import Any
 
 from dynaroute import metrics
 from dynaroute.bundle import MANIFEST
+from dynaroute.codec import codec_for
 from dynaroute.config import EngineConfig
 from dynaroute.errors import BundleError, InvalidInputError, ModelNotFoundError, UnavailableError, shown
-from dynaroute.gateway.inputs import InputSpec
 from dynaroute.gateway.types import Engine
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,14 @@ class IndexEntry:
 
 
 class Model:
-    """A loaded model: its engine, its input spec (read once, for the servicers) and the
-    requests that hold it."""
+    """A loaded model: its engine, its input codec (built once, for the servicers' checks; the
+    engine encodes) and the requests that hold it."""
 
     def __init__(self, engine: Engine, path: Path) -> None:
         self.engine = engine
         self.path = path
         self.name = engine.model_name
-        self.spec = InputSpec.from_model_info(engine.model_info())
+        self.codec = codec_for(engine.model_info()["input"])
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -55,11 +55,3 @@ def _bounded(message: str) -> str:
 def status_label(code: grpc.StatusCode) -> str:
     """The metrics label for a code: the lower-case name, e.g. "invalid_argument"."""
     return code.name.lower()
-
-
-def record_request(model: str, api: str, code: grpc.StatusCode) -> None:
-    """Count a request the servicers refused before the engine saw it (a wire problem) in
-    dynaroute_requests_total{model,api,status}; the engine counts the requests it handles."""
-    from dynaroute import metrics
-
-    metrics.record_request(model, api, status_label(code))

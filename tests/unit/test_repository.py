@@ -85,7 +85,7 @@ async def test_every_bundle_of_the_folder_is_served_by_its_own_engine(repo_dir):
     await models.load_all()
     assert models.names == ["alpha", "beta"] and len(started) == 2
     with models.use("alpha") as a, models.use("beta") as b:
-        assert a.engine is not b.engine and a.name == "alpha" and b.spec.shape == (4,)
+        assert a.engine is not b.engine and a.name == "alpha" and b.codec.spec.shape == (4,)
     assert {("alpha", True), ("beta", True)} <= set(changes)
     assert [(r.name, r.state) for r in models.index()] == [("alpha", ModelState.READY), ("beta", ModelState.READY)]
     with pytest.raises(InvalidInputError, match=r"several models; expected one of \['alpha', 'beta'\]"):
