@@ -97,6 +97,8 @@ def test_two_models_are_served_together_and_each_answers(server, bundle, x):
         replies = {name: client.infer(x[0], model=name, subnet=bundle.full_subnet) for name in (A, B)}
         assert {name: r.model for name, r in replies.items()} == {A: A, B: B}
         np.testing.assert_allclose(replies[A].outputs.logits, replies[B].outputs.logits, rtol=1e-5)
+        batch = client.infer_batch(x[:4], model=B, subnet=bundle.full_subnet)  # the native batch too
+        assert batch.model == B and [r.reply.model for r in batch.rows] == [B] * 4
         assert [m.name for m in client.list_models()] == [A, B]
         assert client.get_model(B).name == B and client.get_model(B).ready
         with pytest.raises(grpc.RpcError) as e:
