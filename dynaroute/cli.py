@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the bundle's manifest records")
     p.set_defaults(func=_eval)
 
-    p = command("serve", "serve a bundle over gRPC on Ray")
-    p.add_argument("bundle", help="bundle directory")
+    p = command("serve", "serve a bundle, or a folder of bundles, over gRPC on Ray")
+    p.add_argument("bundle", help="a bundle directory, or a model repository: a folder whose sub-folders are bundles")
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC port binds")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one, printed when ready)")
     p.add_argument("--http-port", type=int, default=None,

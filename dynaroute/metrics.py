@@ -12,6 +12,7 @@ servicer counts its calls itself); the servicers count in `dynaroute_requests_to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +172,46 @@ class ModelMetrics:
                 self.child(FALLBACKS, step.fallback_reason).inc()
         if outcome.escalations:
             self.escalations.inc(outcome.escalations)
+
+
+# The gauges that describe a served model's present (not its history, which the counters keep),
+# with their label names in declaration order.
+MODEL_GAUGES = ((REPLICAS_LIVE, ("model", "expert")), (QUEUE_DEPTH, ("model", "expert")), (INFLIGHT, ("model",)))
+# Those an engine sets rather than adds to: an engine that replaces another of the same model
+# shares their series, which the old engine's close sets to zero.
+SET_GAUGES = MODEL_GAUGES[:2]
+
+GaugeValues = list[tuple[Gauge, tuple[str, ...], float]]
+
+
+def _series(gauges: Sequence[tuple[Gauge, tuple[str, ...]]], model: str) -> GaugeValues:
+    return [
+        (gauge, tuple(s.labels[n] for n in names), s.value)
+        for gauge, names in gauges
+        for family in gauge.collect()
+        for s in family.samples
+        if s.labels.get("model") == model
+    ]
+
+
+def set_gauge_values(model: str) -> GaugeValues:
+    """`model`'s set-gauges (replicas live, queue depth) as exported now, to put back with
+    `restore_gauge_values`."""
+    return _series(SET_GAUGES, model)
+
+
+def restore_gauge_values(values: GaugeValues) -> None:
+    for gauge, labels, value in values:
+        gauge.labels(*labels).set(value)
+
+
+def forget_model_gauges(model: str) -> None:
+    """Remove `model`'s gauge series, once it is no longer served (unloaded): a series left at
+    its last value would claim replicas, queues or requests for a model that has none, and a
+    replicas gauge left at 0 would fire the DynarouteExpertDown alert for good."""
+    for gauge, labels, _ in _series(MODEL_GAUGES, model):
+        with contextlib.suppress(KeyError):  # removed meanwhile
+            gauge.remove(*labels)
 
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> None:

@@ -1,7 +1,9 @@
 """The KServe v2 Open Inference Protocol's gRPC servicer (`inference.GRPCInferenceService`):
-the protobuf wire form of `KServeModel` (open_inference.py), which the HTTP/REST transport
+the protobuf wire form of `OpenInference` (open_inference.py), which the HTTP/REST transport
 (rest.py) shares. Tensors come as typed `contents` or `raw_input_contents`; outputs go back as
-`raw_output_contents`; parameters are the protocol's typed InferParameter values.
+`raw_output_contents`; parameters are the protocol's typed InferParameter values. The
+model-repository calls (Triton's extension: RepositoryIndex, RepositoryModelLoad,
+RepositoryModelUnload) index, load, replace and unload the repository's models.
 """
 
 from __future__ import annotations
@@ -13,20 +15,20 @@ import grpc
 
 from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
-from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError
+from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.native import deadline_of
 from dynaroute.gateway.open_inference import (
     DATATYPE_OF,
     DATATYPES,
-    VERSION,
     InferCall,
-    KServeModel,
+    OpenInference,
     PreparedCall,
     WireTensor,
     server_version,
 )
+from dynaroute.gateway.repository import VERSION, Repository
 from dynaroute.gateway.status import status_for
-from dynaroute.gateway.types import Engine, InferResult
+from dynaroute.gateway.types import InferResult
 
 API = "kserve"  # the metrics `api` label of the gRPC transport
 
@@ -48,29 +50,30 @@ def _set_param(p: pb.InferParameter, value: str | int | float | bool) -> None:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 over gRPC: the protobuf wire form of `KServeModel`."""
+    """KServe v2 over gRPC: the protobuf wire form of `OpenInference`, with the model-repository
+    calls."""
 
-    def __init__(self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool]) -> None:
-        self.model = KServeModel(engine, max_message_bytes, is_ready, API)
+    def __init__(self, models: Repository, max_message_bytes: int, is_ready: Callable[[], bool]) -> None:
+        self.protocol = OpenInference(models, max_message_bytes, is_ready, API)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self.model.is_ready())
+        return pb.ServerReadyResponse(ready=self.protocol.is_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return pb.ModelReadyResponse(ready=self.model.model_ready(request.name, request.version))
-        except (ModelNotFoundError, UnavailableError) as e:
+            return pb.ModelReadyResponse(ready=self.protocol.model_ready(request.name, request.version))
+        except ModelNotFoundError as e:
             await context.abort(*status_for(e))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="dynaroute", version=server_version(), extensions=[])
+        return pb.ServerMetadataResponse(name="dynaroute", version=server_version(), extensions=["model_repository"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            meta = self.model.model_metadata(request.name, request.version)
+            meta = self.protocol.model_metadata(request.name, request.version)
         except (ModelNotFoundError, UnavailableError) as e:
             await context.abort(*status_for(e))
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -78,6 +81,47 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
             inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]],
         )
+
+    # -- the model repository (Triton's extension) ------------------------------------------------
+
+    def _check_repository(self, name: str) -> None:
+        if name:
+            raise ModelNotFoundError(f"repository_name: {shown(name)} is not a repository here; this server has one, "
+                                     f"{str(self.protocol.models.root)!r}: leave the field empty")
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._check_repository(request.repository_name)
+        except ModelNotFoundError as e:
+            await context.abort(*status_for(e))
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=r.name, version=r.version, state=r.state.value, reason=r.reason)
+            for r in self.protocol.index(ready_only=request.ready)
+        ])
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> Any:
+        """Load the model, or replace it when loaded; answers once it serves."""
+        try:
+            self._check_repository(request.repository_name)
+            await self.protocol.load(request.model_name, request.parameters)
+        except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+            await context.abort(*status_for(e))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> Any:
+        """Unload the model; answers once its in-flight requests have finished and its experts
+        have stopped."""
+        try:
+            self._check_repository(request.repository_name)
+            await self.protocol.unload(request.model_name, request.parameters)
+        except Exception as e:  # noqa: BLE001
+            await context.abort(*status_for(e))
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- ModelInfer -------------------------------------------------------------------------------
 
     @staticmethod
     def _call(req: pb.ModelInferRequest) -> InferCall:
@@ -107,23 +151,23 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _encode(self, call: PreparedCall, results: list[InferResult]) -> Any:
         resp = pb.ModelInferResponse(model_name=call.model, model_version=VERSION, id=call.id)
-        arrays = self.model.output_arrays(results)
+        arrays = OpenInference.output_arrays(results)
         for name in call.outputs:
             a = arrays[name]
             resp.outputs.add(name=name, datatype=DATATYPE_OF[str(a.dtype.newbyteorder("="))], shape=list(a.shape))
             resp.raw_output_contents.append(a.tobytes())
-        for key, value in self.model.response_parameters(results).items():
+        for key, value in OpenInference.response_parameters(results).items():
             _set_param(resp.parameters[key], value)
         return resp
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            call = self.model.prepare(self._call(request))
+            call = self._call(request)
         except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            self.model.count_refused(request.model_name, e)
+            self.protocol.count_refused(request.model_name, e)
             await context.abort(*status_for(e))
-        try:
-            results = await self.model.run(call, deadline_of(context))
+        try:  # refusals before the engine are counted by `infer`, the engine's answers by `run`
+            prepared, results = await self.protocol.infer(call, deadline_of(context))
         except Exception as e:  # noqa: BLE001 - as above; CancelledError (the caller has gone) propagates
             await context.abort(*status_for(e))
-        return self._encode(call, results)
+        return self._encode(prepared, results)

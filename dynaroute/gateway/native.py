@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,12 +13,12 @@ import grpc
 from dynaroute import metrics
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
-from dynaroute.codec import InputCodec, codec_for
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.decoding import Undecodable
 from dynaroute.gateway.inputs import check_size, decode_raw
+from dynaroute.gateway.repository import Model, Repository
 from dynaroute.gateway.status import status_for
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.types import InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
 API = "native"
@@ -106,47 +106,35 @@ def error_message(e: Exception) -> pb.Error:
 
 
 class NativeServicer(pb_grpc.DynarouteServicer):
-    """Decodes and checks each request, calls `engine.infer`, encodes the answer. Errors go
-    through gateway.status, the one mapping of exceptions to status codes."""
+    """Decodes and checks each request, calls its model's engine, encodes the answer. The
+    model is looked up in the repository by the request's `model` (empty: the only model) and
+    held for the call. Errors go through gateway.status, the one mapping of exceptions to
+    status codes."""
 
     def __init__(
-        self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool], max_stream_inflight: int = 256
+        self, models: Repository, max_message_bytes: int, is_ready: Callable[[], bool], max_stream_inflight: int = 256
     ) -> None:
-        self.engine = engine
+        self.models = models
         self.max_message_bytes = max_message_bytes
-        self.is_ready = is_ready
+        self.is_ready = is_ready  # the server's readiness (started, not draining); a model's is the repository's
         self.max_stream_inflight = max_stream_inflight
 
-    @functools.cached_property
-    def codec(self) -> InputCodec:
-        # Read on first use, not at construction: the server registers this servicer before
-        # the engine has started (health says NOT_SERVING meanwhile). Checks only: the engine
-        # encodes.
-        return codec_for(self.engine.model_info()["input"])
-
-    def _model_label(self, name: str) -> str:
-        # Unknown names are not echoed into labels: a client must not grow the label set.
-        try:
-            served = self.engine.model_name
-        except UnavailableError:  # still starting
-            return "unknown"
-        return served if name in ("", served) else "unknown"
-
-    def _check_model(self, name: str) -> None:
-        if name and name != self.engine.model_name:
-            raise ModelNotFoundError(f"model: {shown(name)} is not served here; expected {self.engine.model_name!r}")
-
-    def decode(self, msg: pb.InferRequest, deadline: float | None) -> InferRequest:
-        """Wire request -> engine request; raises InvalidInputError / ModelNotFoundError."""
+    def _hold(self, held: contextlib.ExitStack, msg: pb.InferRequest | pb.InferBatchRequest) -> Model:
+        """Check the message's size, then hold the model it names for the call (`held`)."""
         check_size("request", msg.ByteSize(), self.max_message_bytes)
-        self._check_model(msg.model)
+        return held.enter_context(self.models.use(self.models.resolve(msg.model)))
+
+    def decode(self, msg: pb.InferRequest, deadline: float | None, model: Model) -> InferRequest:
+        """Wire request -> engine request for `model`; raises InvalidInputError. The caller has
+        checked the message's size."""
         kind = msg.WhichOneof("input")
-        spec = self.codec.spec
+        codec = model.codec
+        spec = codec.spec
         if kind is None:
             raise InvalidInputError(f"input: neither tensor nor text is set; expected {spec.wire}")
         if kind != spec.wire:
             raise InvalidInputError(
-                f"input: got {'a tensor' if kind == 'tensor' else 'text'}, but model {self.engine.model_name!r} "
+                f"input: got {'a tensor' if kind == 'tensor' else 'text'}, but model {model.name!r} "
                 f"expects {spec.describe()}"
             )
         tensor = text = None
@@ -156,25 +144,24 @@ class NativeServicer(pb_grpc.DynarouteServicer):
             if x.ndim == len(spec.shape) + 1 and x.shape[1:] == spec.shape and len(x) > 1:
                 raise InvalidInputError(f"tensor.shape: got {shown(list(x.shape))}, {len(x)} examples; Infer takes "
                                         f"one, of shape {list(spec.shape)}: send several with InferBatch")
-            tensor = self.codec.check("tensor", x)
+            tensor = codec.check("tensor", x)
         else:
-            text = self.codec.check("text", msg.text)
+            text = codec.check("text", msg.text)
         return InferRequest(
-            model=self.engine.model_name, id=msg.id, tensor=tensor, text=text,
+            model=model.name, id=msg.id, tensor=tensor, text=text,
             budget=decode_budget(msg.budget), deadline=deadline,
         )
 
-    def decode_batch(self, msg: pb.InferBatchRequest, deadline: float | None) -> list[InferRequest]:
-        """Wire batch -> one engine request per row. What concerns the whole call (size, model,
-        budget, dtype, the [N, ...] shape) is checked here and refuses it; each row's values are
-        checked by the engine, which answers that row alone with an error."""
-        check_size("request", msg.ByteSize(), self.max_message_bytes)
-        self._check_model(msg.model)
-        name = self.engine.model_name
+    def decode_batch(self, msg: pb.InferBatchRequest, deadline: float | None, model: Model) -> list[InferRequest]:
+        """Wire batch -> one engine request per row for `model`. What concerns the whole call
+        (size and model, checked by the caller; budget, dtype, the [N, ...] shape) is checked
+        here and refuses it; each row's values are checked by the engine, which answers that row
+        alone with an error."""
+        name = model.name
         if msg.HasField("tensor") and msg.texts:
             raise InvalidInputError("tensor and texts: both are set; expected one of them")
         rows: list[dict[str, Any]]
-        spec = self.codec.spec
+        spec = model.codec.spec
         if spec.wire == "text":
             if msg.HasField("tensor"):
                 raise InvalidInputError(f"tensor: got a tensor, but model {name!r} expects texts")
@@ -209,60 +196,66 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         """A batch is admitted whole (`Engine.admit`, as a KServe batch) or refused whole; then
         its rows run concurrently and each answers for itself. The call counts once in
         dynaroute_requests_total (OK once admitted), each row in dynaroute_rows_total."""
-        try:
-            rows = self.decode_batch(request, deadline_of(context))
-            if len(rows) > 1:
-                self.engine.admit(len(rows))
-        except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            code, message = status_for(e)
-            metrics.record_refused(self._model_label(request.model), API, code)
-            await context.abort(code, message)
-        model = self.engine.model_name
-        try:
-            results = await asyncio.gather(*(self.engine.infer(r) for r in rows), return_exceptions=True)
-        except BaseException as e:  # cancelled: the caller has gone
-            metrics.record_request(model, API, metrics.status_of(e))
-            raise
-        out = []
-        for result in results:
-            if isinstance(result, InferResult):
-                out.append(pb.InferBatchRow(reply=encode_result(result, model)))
-            elif isinstance(result, Exception):
-                out.append(pb.InferBatchRow(error=error_message(result)))
-            else:  # a BaseException of a row (cancellation) ends the call
-                metrics.record_request(model, API, metrics.status_of(result))
-                raise result
-        metrics.record_request(model, API, "ok")
-        return pb.InferBatchReply(id=request.id, model=model, rows=out)
+        with contextlib.ExitStack() as held:  # the model is held until every row is answered
+            try:
+                served = self._hold(held, request)
+                rows = self.decode_batch(request, deadline_of(context), served)
+                if len(rows) > 1:
+                    served.engine.admit(len(rows))
+            except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+                code, message = status_for(e)
+                metrics.record_refused(self.models.label(request.model), API, code)
+                await context.abort(code, message)
+            model = served.name
+            try:
+                results = await asyncio.gather(*(served.engine.infer(r) for r in rows), return_exceptions=True)
+            except BaseException as e:  # cancelled: the caller has gone
+                metrics.record_request(model, API, metrics.status_of(e))
+                raise
+            out = []
+            for result in results:
+                if isinstance(result, InferResult):
+                    out.append(pb.InferBatchRow(reply=encode_result(result, model)))
+                elif isinstance(result, Exception):
+                    out.append(pb.InferBatchRow(error=error_message(result)))
+                else:  # a BaseException of a row (cancellation) ends the call
+                    metrics.record_request(model, API, metrics.status_of(result))
+                    raise result
+            metrics.record_request(model, API, "ok")
+            return pb.InferBatchReply(id=request.id, model=model, rows=out)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferReply:
-        try:
-            engine_request = self.decode(request, deadline_of(context))
-        except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            code, message = status_for(e)
-            metrics.record_refused(self._model_label(request.model), API, code)  # refused before the engine
-            await context.abort(code, message)
-        try:
-            result = await self.engine.infer(engine_request)  # the engine counts what it answers or refuses
-        except Exception as e:  # noqa: BLE001
-            await context.abort(*status_for(e))
-        return encode_result(result, self.engine.model_name)
+        with contextlib.ExitStack() as held:
+            try:
+                model = self._hold(held, request)
+                engine_request = self.decode(request, deadline_of(context), model)
+            except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
+                code, message = status_for(e)
+                metrics.record_refused(self.models.label(request.model), API, code)  # refused before the engine
+                await context.abort(code, message)
+            try:
+                result = await model.engine.infer(engine_request)  # the engine counts what it answers or refuses
+            except Exception as e:  # noqa: BLE001
+                await context.abort(*status_for(e))
+            return encode_result(result, model.name)
 
     async def _stream_one(self, msg: pb.InferRequest | Undecodable, deadline: float | None) -> pb.InferStreamReply:
         # A message that did not decode has no id to answer with: its reply's id is empty.
-        msg_id, model = ("", "") if isinstance(msg, Undecodable) else (msg.id, msg.model)
-        try:
+        msg_id, name = ("", "") if isinstance(msg, Undecodable) else (msg.id, msg.model)
+        with contextlib.ExitStack() as held:
             try:
-                if isinstance(msg, Undecodable):
-                    raise InvalidInputError(msg.message)
-                engine_request = self.decode(msg, deadline)
-            except Exception as e:
-                metrics.record_refused(self._model_label(model), API, status_for(e)[0])
-                raise
-            result = await self.engine.infer(engine_request)
-        except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on
-            return pb.InferStreamReply(id=msg_id, error=error_message(e))
-        return pb.InferStreamReply(id=msg_id, reply=encode_result(result, self.engine.model_name))
+                try:
+                    if isinstance(msg, Undecodable):
+                        raise InvalidInputError(msg.message)
+                    model = self._hold(held, msg)
+                    engine_request = self.decode(msg, deadline, model)
+                except Exception as e:
+                    metrics.record_refused(self.models.label(name), API, status_for(e)[0])
+                    raise
+                result = await model.engine.infer(engine_request)
+            except Exception as e:  # noqa: BLE001 - a bad message answers for itself; the stream goes on
+                return pb.InferStreamReply(id=msg_id, error=error_message(e))
+            return pb.InferStreamReply(id=msg_id, reply=encode_result(result, model.name))
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest | Undecodable], context: grpc.aio.ServicerContext
@@ -302,15 +295,15 @@ class NativeServicer(pb_grpc.DynarouteServicer):
         finally:
             reader.cancel()
 
+    def _info(self, model: Model) -> pb.ModelInfo:
+        return model_info_message(model.engine.model_info(), self.is_ready() and self.models.ready(model.name))
+
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         try:
-            self._check_model(request.model)
-            return model_info_message(self.engine.model_info(), self.is_ready())
-        except (ModelNotFoundError, UnavailableError) as e:
+            return self._info(self.models.get(self.models.resolve(request.model)))
+        except (InvalidInputError, ModelNotFoundError, UnavailableError) as e:
             await context.abort(*status_for(e))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsReply:
-        try:
-            return pb.ListModelsReply(models=[model_info_message(self.engine.model_info(), self.is_ready())])
-        except UnavailableError as e:
-            await context.abort(*status_for(e))
+        """The loaded models (RepositoryIndex lists the folder's, loaded or not)."""
+        return pb.ListModelsReply(models=[self._info(m) for m in self.models.loaded()])

@@ -1,15 +1,17 @@
 """The KServe v2 / Open Inference Protocol, independent of the transport.
 
-`KServeModel` holds what the gRPC servicer (kserve.py) and the HTTP/REST transport (rest.py)
-share, so that both check, decode, budget, run and count a call the same way and differ only
-in the wire form. A call holds one input of shape [N, ...example shape] (N >= 1; BYTES [N] or
+`OpenInference` holds what the gRPC servicer (kserve.py) and the HTTP/REST transport (rest.py)
+share, so that both look up, check, decode, budget, run and count a call the same way, and
+load, replace and unload models the same way, and differ only in the wire form. Each call
+names its model (version "1" or empty), looked up in the model repository (repository.py) and
+held until the call is answered. A call holds one input of shape [N, ...example shape] (N >= 1; BYTES [N] or
 [N, 1] for text models); each row is one engine request, and all run concurrently. The budget
 comes from request parameters (quality, max_flops, target_accuracy, subnet, policy; any other
 name is refused); the route and cost go back in response parameters: `route` and `cost` as
 JSON lists with one entry per row, plus scalar totals (total_flops, full_flops, flops_ratio)
 that plain KServe clients can read, and `budget_out_of_reach` (with `budget_note`) when no
 calibrated point met the budget. One call counts once in dynaroute_requests_total, its rows in
-dynaroute_rows_total.
+dynaroute_rows_total, under the model's name (unknown names count as "unknown").
 
 This module loads no protobuf messages of the `inference` package: tritonclient.grpc
 registers the same names, and a process (a test, a client) may import both.
@@ -18,9 +20,10 @@ registers the same names, and a process (a test, a client) may import both.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import json
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +31,13 @@ from typing import Any
 import numpy as np
 
 from dynaroute import __version__, metrics
-from dynaroute.codec import InputCodec, InputSpec, codec_for
-from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
+from dynaroute.codec import InputSpec
+from dynaroute.errors import InvalidInputError, shown
 from dynaroute.gateway.inputs import check_size, decode_bytes_elements
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.repository import VERSION, IndexEntry, Model, Repository
+from dynaroute.gateway.types import InferRequest, InferResult
 from dynaroute.router.budget import Budget
 
-VERSION = "1"
 # KServe v2 datatype <-> numpy dtype, and which typed `contents` field carries it.
 DATATYPES: dict[str, tuple[str, str]] = {
     "BOOL": ("bool", "bool_contents"),
@@ -55,6 +58,9 @@ DATATYPE_OF = {np_name: dt for dt, (np_name, _) in DATATYPES.items() if dt != "B
 OUTPUTS = ("logits", "label", "confidence")
 BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy")
 BUDGET_STRINGS = ("subnet", "policy")
+# Parameters of RepositoryModelUnload that are accepted (tritonclient always sends this one;
+# dynaroute's models have no dependents). Loads take none: the bundle is loaded as it is.
+UNLOAD_PARAMETERS = ("unload_dependents",)
 
 
 def server_version() -> str:
@@ -94,6 +100,14 @@ def decode_budget(params: Mapping[str, Any]) -> Budget:
         return Budget(**kwargs)
     except InvalidInputError as e:
         raise InvalidInputError(f"parameters: {e}") from None
+
+
+def check_repository_parameters(params: Mapping[str, Any], allowed: tuple[str, ...], call: str) -> None:
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        expected = f"only {list(allowed)}" if allowed else "none"
+        raise InvalidInputError(f"parameters: {call} does not take {[shown(n) for n in unknown[:4]]}; expected "
+                                f"{expected} (a bundle is loaded as it is in the repository folder)")
 
 
 def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -151,88 +165,98 @@ class PreparedCall:
     outputs: list[str]
 
 
-class KServeModel:
-    """The Open Inference Protocol over one engine, independent of the transport: model checks,
-    metadata, decoding and checking a call, running its rows, the outputs and response
-    parameters, and counting each call once in dynaroute_requests_total under `api`."""
+class OpenInference:
+    """The Open Inference Protocol over the model repository, independent of the transport:
+    model checks, metadata, the repository calls, decoding and checking a call against the
+    model it names, running its rows on that model's engine, the outputs and response
+    parameters, and counting each call once in dynaroute_requests_total under `api`.
 
-    def __init__(self, engine: Engine, max_message_bytes: int, is_ready: Callable[[], bool], api: str) -> None:
-        self.engine = engine
+    Every call looks its model up in the repository (`Repository.use`) and holds it until its
+    rows are answered, so that an unload or a replace closes an engine only once nothing uses it."""
+
+    def __init__(self, models: Repository, max_message_bytes: int, is_ready: Callable[[], bool], api: str) -> None:
+        self.models = models
         self.max_message_bytes = max_message_bytes
-        self.is_ready = is_ready
+        self.is_ready = is_ready  # the server's readiness (started, not draining); a model's is the repository's
         self.api = api
+        # A loaded model's tensor metadata, built once (a replaced model is a new Model).
+        self._metadata_of: weakref.WeakKeyDictionary[Model, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
-    # Read on first use, not at construction: the server builds this before the engine has
-    # started (health says NOT_SERVING meanwhile).
-    @functools.cached_property
-    def codec(self) -> InputCodec:
-        return codec_for(self.engine.model_info()["input"])  # checks only: the engine encodes
-
-    @property
-    def spec(self) -> InputSpec:
-        return self.codec.spec
-
-    @functools.cached_property
-    def _metadata(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        info = self.engine.model_info()
-        return metadata_tensors(self.spec, len(info["labels"]))
-
-    @property
-    def inputs(self) -> list[dict[str, Any]]:
-        return self._metadata[0]
-
-    @property
-    def outputs(self) -> list[dict[str, Any]]:
-        return self._metadata[1]
-
-    @property
-    def input_name(self) -> str:
-        return self.inputs[0]["name"]
-
-    def check_model(self, name: str, version: str, field: str = "name") -> None:
-        if name != self.engine.model_name:
-            raise ModelNotFoundError(
-                f"{field}: model {shown(name)} is not served here; expected {self.engine.model_name!r}"
-            )
-        if version not in ("", VERSION):
-            raise ModelNotFoundError(f"version: model {shown(name)} has only version {VERSION!r}, not {shown(version)}")
+    def metadata(self, model: Model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The model's (inputs, outputs) tensor metadata."""
+        meta = self._metadata_of.get(model)
+        if meta is None:
+            labels = model.engine.model_info()["labels"]
+            meta = self._metadata_of[model] = metadata_tensors(model.codec.spec, len(labels))
+        return meta
 
     def model_metadata(self, name: str, version: str) -> dict[str, Any]:
-        """The model metadata response's fields, after checking the name and version."""
-        self.check_model(name, version)
-        return {"name": self.engine.model_name, "versions": [VERSION], "platform": "dynaroute",
-                "inputs": self.inputs, "outputs": self.outputs}
+        """The model metadata response's fields: NOT_FOUND for a name or version not served or a
+        model not loaded, UNAVAILABLE while it loads or unloads."""
+        model = self.models.get(name, version, field="name")
+        inputs, outputs = self.metadata(model)
+        return {"name": model.name, "versions": [VERSION], "platform": "dynaroute", "inputs": inputs,
+                "outputs": outputs}
 
     def model_ready(self, name: str, version: str) -> bool:
-        self.check_model(name, version)
-        return self.is_ready()
+        """A model of the repository that is not serving (loading, unloading, unloaded) is not
+        ready; a name the repository does not know is NOT_FOUND."""
+        self.models.check(name, version, field="name")
+        return self.is_ready() and self.models.ready(name)
+
+    # -- the model repository (Triton's extension) ---------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model of the folder and every model loaded, with its state."""
+        return self.models.index(ready_only=ready_only)
+
+    async def load(self, name: str, parameters: Mapping[str, Any]) -> None:
+        """Load the model, or replace it when loaded; returns once it serves."""
+        check_repository_parameters(parameters, (), "RepositoryModelLoad")
+        if not name:
+            raise InvalidInputError("model_name: empty; expected the name of a bundle in the repository")
+        await self.models.load(name)
+
+    async def unload(self, name: str, parameters: Mapping[str, Any]) -> None:
+        """Unload the model; returns once its in-flight requests have finished and its experts
+        have stopped."""
+        check_repository_parameters(parameters, UNLOAD_PARAMETERS, "RepositoryModelUnload")
+        if not name:
+            raise InvalidInputError("model_name: empty; expected the name of a loaded model")
+        await self.models.unload(name)
 
     # -- infer ----------------------------------------------------------------------------------
 
-    def decode_rows(self, inputs: Sequence[WireTensor]) -> list[np.ndarray] | list[str]:
-        """The call's one input -> one example per row, checked against the model's spec."""
+    def decode_rows(self, model: Model, inputs: Sequence[WireTensor]) -> list[np.ndarray] | list[str]:
+        """The call's one input -> one example per row, checked against `model`'s spec."""
+        codec = model.codec
+        spec = codec.spec
+        wanted = self.metadata(model)[0][0]
+        input_name = wanted["name"]
         if len(inputs) != 1:
-            raise InvalidInputError(f"inputs: got {len(inputs)} input tensors, expected 1 named {self.input_name!r}")
+            raise InvalidInputError(f"inputs: got {len(inputs)} input tensors, expected 1 named {input_name!r}")
         t = inputs[0]
         field = t.field
-        if t.name != self.input_name:
-            raise InvalidInputError(f"{field}.name: got {shown(t.name)}, expected {self.input_name!r}")
-        want = self.inputs[0]["datatype"]
+        if t.name != input_name:
+            raise InvalidInputError(f"{field}.name: got {shown(t.name)}, expected {input_name!r}")
+        want = wanted["datatype"]
         if t.datatype != want:
             raise InvalidInputError(f"{field}.datatype: got {shown(t.datatype)}, expected {want!r}")
         shape = [int(d) for d in t.shape]
-        if self.spec.wire == "text":
+        if spec.wire == "text":
             ok = len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)
             expected = "[N] or [N, 1] with N >= 1"
         else:
-            ok = len(shape) == len(self.spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == self.spec.shape
-            expected = f"[N, {', '.join(map(str, self.spec.shape))}] with N >= 1"
+            ok = len(shape) == len(spec.shape) + 1 and shape[0] >= 1 and tuple(shape[1:]) == spec.shape
+            expected = f"[N, {', '.join(map(str, spec.shape))}] with N >= 1"
         if not ok:
             raise InvalidInputError(f"{field}.shape: got {shown(shape)}, expected {expected}")
         count = math.prod(shape)
         np_name = DATATYPES[want][0]
         if t.raw is not None:
-            if self.spec.wire == "text":
+            if spec.wire == "text":
                 values: Any = decode_bytes_elements(t.raw_field, t.raw, count)
             else:
                 itemsize = np.dtype(np_name).itemsize
@@ -245,17 +269,17 @@ class KServeModel:
             values = t.values() if t.values is not None else []
             if len(values) != count:
                 raise InvalidInputError(f"{t.values_field}: {len(values)} values, but shape {shape} needs {count}")
-        if self.spec.wire == "text":
+        if spec.wire == "text":
             rows: list[str] = []
             for i, b in enumerate(values):
                 try:
                     text = b if isinstance(b, str) else b.decode("utf-8")
                 except UnicodeDecodeError:
                     raise InvalidInputError(f"{field} row {i}: not UTF-8 text") from None
-                rows.append(self.codec.check(f"{field} row {i}", text))
+                rows.append(codec.check(f"{field} row {i}", text))
             return rows
         arr = np.asarray(values, dtype=np_name).reshape(shape)
-        return [self.codec.check(f"{field} row {i}", arr[i]) for i in range(shape[0])]
+        return [codec.check(f"{field} row {i}", arr[i]) for i in range(shape[0])]
 
     def requested_outputs(self, names: Sequence[str]) -> list[str]:
         names = list(names) or list(OUTPUTS)
@@ -264,30 +288,40 @@ class KServeModel:
                 raise InvalidInputError(f"outputs: unknown output {shown(n)}; expected some of {list(OUTPUTS)}")
         return names
 
-    def prepare(self, call: InferCall) -> PreparedCall:
+    def prepare(self, call: InferCall, held: contextlib.ExitStack) -> tuple[Model, PreparedCall]:
         """Every check a call must pass before the engine sees it, in the order the messages
-        name them; a call of several rows is admitted whole or refused whole."""
+        name them; its model is held in `held` from the name's check on. A call of several rows
+        is admitted whole or refused whole."""
         check_size("request", call.size, self.max_message_bytes)
-        self.check_model(call.model, call.version, field="model_name")
+        model = held.enter_context(self.models.use(call.model, call.version, field="model_name"))
         budget = decode_budget(call.parameters)
         names = self.requested_outputs(call.outputs)
-        rows = self.decode_rows(call.inputs)
+        rows = self.decode_rows(model, call.inputs)
         if len(rows) > 1:
-            self.engine.admit(len(rows))
-        return PreparedCall(model=call.model, id=call.id, budget=budget, rows=rows, outputs=names)
+            model.engine.admit(len(rows))
+        return model, PreparedCall(model=model.name, id=call.id, budget=budget, rows=rows, outputs=names)
 
     def count_refused(self, model: str, error: BaseException) -> None:
-        """Count a call refused before the engine (by `prepare`, or by the transport). Unknown
-        names are not echoed into labels: a client must not grow the label set."""
-        try:
-            label = self.engine.model_name if model == self.engine.model_name else "unknown"
-        except UnavailableError:  # still starting
-            label = "unknown"
-        metrics.record_request(label, self.api, metrics.status_of(error))
+        """Count a call refused before the engine (by `prepare`, or by the transport), labelled
+        as the repository labels the name (unknown names are not echoed)."""
+        metrics.record_request(self.models.label(model), self.api, metrics.status_of(error))
 
-    async def run(self, call: PreparedCall, deadline: float | None) -> list[InferResult]:
-        """Run every row as one engine request, concurrently, and count the call once with its
-        final status. Raises the engine's exceptions (and CancelledError if the caller went)."""
+    async def infer(self, call: InferCall, deadline: float | None) -> tuple[PreparedCall, list[InferResult]]:
+        """Check the call (`prepare`; a refusal is counted here) and run it on its model, held
+        until every row is answered. Raises what refused the call or the engine's exceptions
+        (and CancelledError if the caller went)."""
+        with contextlib.ExitStack() as held:
+            try:
+                model, prepared = self.prepare(call, held)
+            except Exception as e:
+                self.count_refused(call.model, e)
+                raise
+            return prepared, await self.run(model, prepared, deadline)
+
+    async def run(self, model: Model, call: PreparedCall, deadline: float | None) -> list[InferResult]:
+        """Run every row as one request of `model`'s engine, concurrently, and count the call
+        once with its final status. Raises the engine's exceptions (and CancelledError if the
+        caller went)."""
         many = len(call.rows) > 1
         flow = object()  # this call's rows take turns with other calls in every queue
         requests = [
@@ -299,7 +333,7 @@ class KServeModel:
             for i, r in enumerate(call.rows)
         ]
         try:
-            results = await asyncio.gather(*(self.engine.infer(r) for r in requests))
+            results = await asyncio.gather(*(model.engine.infer(r) for r in requests))
         except BaseException as e:
             metrics.record_request(call.model, self.api, metrics.status_of(e))
             raise

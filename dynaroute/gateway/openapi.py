@@ -26,11 +26,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
     what = {
         400: "bad input: the message names the field and what was expected",
         401: "missing or wrong bearer token (servers started with --auth-token-file)",
-        404: "no such model, version or endpoint",
+        404: "no such model, version or endpoint, or the model is not loaded",
         413: "the body is larger than --max-message-bytes",
         429: "overloaded: the queues are full; retry after the Retry-After seconds",
         500: "internal error",
-        503: "starting, draining, or no expert can run the route",
+        503: "starting, draining, the model loading or unloading, or no expert can run the route",
         504: "the `timeout` parameter's deadline passed before the answer was ready",
     }
     return {str(s): _json(_ref("Error"), what[s]) for s in statuses}
@@ -102,6 +102,28 @@ def openapi_document() -> dict[str, Any]:
                 "outputs": {"type": "array", "items": _ref("TensorMetadata")},
             },
         },
+        "RepositoryIndexRequest": {
+            "type": "object", "description": "optional (an empty body lists every model)",
+            "properties": {"ready": {"type": "boolean", "description": "list only the models that are ready"}},
+            "additionalProperties": False,
+        },
+        "RepositoryModel": {
+            "type": "object", "required": ["name", "state"],
+            "properties": {"name": {"type": "string"},
+                           "version": {"type": "string", "description": "1; absent for a folder that is not a bundle"},
+                           "state": {"type": "string", "enum": ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
+                           "reason": {"type": "string", "description": "why not ready (absent when ready)"}},
+        },
+        "RepositoryRequest": {
+            "type": "object", "description": "optional; a bundle is loaded as it is in the repository folder",
+            "properties": {"parameters": {
+                "type": "object", "additionalProperties": scalar,
+                "description": "load: none (Triton's config and file: overrides are refused, 400); unload: only "
+                               "unload_dependents (dynaroute's models have none)",
+            }},
+            "additionalProperties": False,
+        },
+        "Empty": {"type": "object", "additionalProperties": False},
         "Ready": {"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}},
         "Live": {"type": "object", "properties": {"live": {"type": "boolean"}}},
         "RequestInput": {
@@ -178,6 +200,26 @@ def openapi_document() -> dict[str, Any]:
         "/v2/openapi.json": {"get": {"summary": "This document",
                                      "responses": {"200": {"description": "the OpenAPI document"}, **_errors(401)}}},
     }
+    repository_body = {"required": False,
+                       "content": {"application/json": {"schema": _ref("RepositoryRequest")}}}
+    paths["/v2/repository/index"] = {"post": {
+        "summary": "Repository index: every model of the folder and every loaded one, with its state",
+        "requestBody": {"required": False,
+                        "content": {"application/json": {"schema": _ref("RepositoryIndexRequest")}}},
+        "responses": {"200": _json({"type": "array", "items": _ref("RepositoryModel")}, "the models"),
+                      **_errors(400, 401, 413)},
+    }}
+    paths["/v2/repository/models/{model}/load"] = {"post": with_params({
+        "summary": "Load the model from the repository folder, or replace it when loaded (the new version "
+                   "starts first, the old one finishes its requests); answers once it serves",
+        "requestBody": repository_body,
+        "responses": {"200": _json(_ref("Empty"), "loaded"), **_errors(400, 401, 404, 413, 500, 503)},
+    }, [model])}
+    paths["/v2/repository/models/{model}/unload"] = {"post": with_params({
+        "summary": "Unload the model: new requests are refused, in-flight ones finish, its experts stop",
+        "requestBody": repository_body,
+        "responses": {"200": _json(_ref("Empty"), "unloaded"), **_errors(400, 401, 404, 413, 500, 503)},
+    }, [model])}
     for base, params in (("/v2/models/{model}", [model]), ("/v2/models/{model}/versions/{version}", [model, version])):
         paths[base] = {"get": with_params(metadata, params)}
         paths[f"{base}/ready"] = {"get": with_params(ready, params)}
@@ -186,7 +228,8 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "dynaroute KServe v2 REST API", "version": "1",
                  "description": "The KServe v2 / Open Inference Protocol over HTTP, as `dynaroute serve --http-port` "
-                 "serves it: the same models, budgets, route and cost as the gRPC API."},
+                 "serves it: the same models, budgets, route and cost as the gRPC API, and Triton's "
+                 "model-repository extension."},
         "servers": [{"url": "http://127.0.0.1:8000"}],
         "components": {
             "schemas": schemas,

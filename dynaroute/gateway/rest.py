@@ -1,8 +1,11 @@
 """KServe v2 / Open Inference Protocol over HTTP/REST (aiohttp), beside the gRPC port.
 
-The JSON wire form of `KServeModel` (kserve.py): the same checks, budget parameters, rows,
-route and cost as gRPC's ModelInfer, and the same errors, as HTTP statuses (status.py) with a
-`{"error": "..."}` body. Tensors travel as JSON `data` or, with Triton's binary tensor data
+The JSON wire form of `OpenInference` (open_inference.py), as kserve.py is its gRPC form: the
+same models of the repository, checks, budget parameters, rows, route and cost as gRPC's
+ModelInfer, and the same errors, as HTTP statuses (status.py) with a `{"error": "..."}` body.
+Each model answers at /v2/models/{name}; Triton's REST repository extension (POST
+/v2/repository/index, /v2/repository/models/{name}/load and /unload) loads, replaces and
+unloads them as the gRPC Repository* calls do. Tensors travel as JSON `data` or, with Triton's binary tensor data
 extension (what tritonclient.http sends by default), as raw bytes after the JSON header
 (`Inference-Header-Content-Length`). Two request parameters belong to the transport, not the
 budget, as in Triton: `binary_data_output` and `timeout` (microseconds: the request's
@@ -31,21 +34,21 @@ from dynaroute.gateway.open_inference import (
     DATATYPE_OF,
     DATATYPES,
     OUTPUTS,
-    VERSION,
     InferCall,
-    KServeModel,
+    OpenInference,
     PreparedCall,
     WireTensor,
     server_version,
 )
 from dynaroute.gateway.openapi import openapi_document
+from dynaroute.gateway.repository import VERSION, IndexEntry, Repository
 from dynaroute.gateway.security import AUTH_HEADER, bearer_problem, expected_bearer
 from dynaroute.gateway.status import http_status_for
-from dynaroute.gateway.types import Engine, InferResult
+from dynaroute.gateway.types import InferResult
 
 API = "kserve_http"  # the metrics `api` label of this transport
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 # Paths that answer without the token (not without TLS): probes ask whether to send traffic.
 EXEMPT_PATHS = ("/v2/health/live", "/v2/health/ready")
 REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
@@ -230,7 +233,7 @@ def decode_request(model: str, version: str, body: bytes, header_length: str | N
 def encode_response(call: PreparedCall, transport: Transport, results: list[InferResult]) -> web.Response:
     """The results as the protocol's JSON response; outputs asked for as binary follow the JSON
     header as raw little-endian bytes, in output order."""
-    arrays = KServeModel.output_arrays(results)
+    arrays = OpenInference.output_arrays(results)
     outputs, chunks = [], []
     for name in call.outputs:
         a = arrays[name]
@@ -245,7 +248,7 @@ def encode_response(call: PreparedCall, transport: Transport, results: list[Infe
         outputs.append(out)
     head = json.dumps({
         "model_name": call.model, "model_version": VERSION, "id": call.id,
-        "parameters": KServeModel.response_parameters(results), "outputs": outputs,
+        "parameters": OpenInference.response_parameters(results), "outputs": outputs,
     }).encode()
     if not chunks:
         return web.Response(body=head, content_type="application/json")
@@ -254,11 +257,11 @@ def encode_response(call: PreparedCall, transport: Transport, results: list[Infe
 
 
 class RestGateway:
-    """The aiohttp application: routes, the token check, JSON errors, over one `KServeModel`."""
+    """The aiohttp application: routes, the token check, JSON errors, over `OpenInference`."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, is_ready: Callable[[], bool],
+    def __init__(self, models: Repository, config: ServerConfig, is_ready: Callable[[], bool],
                  token: str | None = None) -> None:
-        self.model = KServeModel(engine, config.max_message_bytes, is_ready, API)
+        self.protocol = OpenInference(models, config.max_message_bytes, is_ready, API)
         self.max_body_bytes = config.max_message_bytes
         self._expected = expected_bearer(token) if token else None
         # aiohttp refuses larger bodies itself (413) when they come without a Content-Length.
@@ -272,6 +275,9 @@ class RestGateway:
             add("GET", base, self.model_metadata)
             add("GET", f"{base}/ready", self.model_ready)
             add("POST", f"{base}/infer", self.infer)
+        add("POST", "/v2/repository/index", self.repository_index)
+        add("POST", "/v2/repository/models/{model}/load", self.repository_load)
+        add("POST", "/v2/repository/models/{model}/unload", self.repository_unload)
 
     # -- middleware ---------------------------------------------------------------------------
 
@@ -301,11 +307,8 @@ class RestGateway:
         problem = bearer_problem(request.headers.getall(AUTH_HEADER, []), self._expected, where="header")
         if problem is None:
             return await handler(request)
-        try:
-            label = self.model.engine.model_name
-        except UnavailableError:
-            label = "unknown"
-        metrics.record_request(label, API, "unauthenticated")
+        # A refused call names no model to the server: the only model's name, "unknown" when several.
+        metrics.record_request(self.protocol.models.label(""), API, "unauthenticated")
         return error_response(401, problem)
 
     # -- health and metadata ------------------------------------------------------------------
@@ -314,7 +317,7 @@ class RestGateway:
         return web.json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = self.model.is_ready()
+        ready = self.protocol.is_ready()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -325,15 +328,15 @@ class RestGateway:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         try:
-            return web.json_response(self.model.model_metadata(*_model_of(request)))
+            return web.json_response(self.protocol.model_metadata(*_model_of(request)))
         except (ModelNotFoundError, UnavailableError) as e:
             return _error(e)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = _model_of(request)
         try:
-            ready = self.model.model_ready(name, version)
-        except (ModelNotFoundError, UnavailableError) as e:
+            ready = self.protocol.model_ready(name, version)
+        except ModelNotFoundError as e:
             return _error(e)
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
@@ -353,15 +356,66 @@ class RestGateway:
         try:
             body = await self._body(request)
             call, transport = decode_request(name, version, body, request.headers.get(HEADER_LENGTH))
-            prepared = self.model.prepare(call)
         except Exception as e:  # noqa: BLE001 - every error is mapped to a status in one place
-            self.model.count_refused(name, e)
+            self.protocol.count_refused(name, e)
             return _error(e)
-        try:
-            results = await self.model.run(prepared, transport.deadline)
+        try:  # refusals before the engine are counted by `infer`, the engine's answers by `run`
+            prepared, results = await self.protocol.infer(call, transport.deadline)
         except Exception as e:  # noqa: BLE001 - as above
             return _error(e)
         return encode_response(prepared, transport, results)
+
+    # -- the model repository (Triton's extension) --------------------------------------------
+
+    async def _repository_request(self, request: web.Request, allowed: set[str]) -> dict[str, Any]:
+        """The body of a repository call: empty (tritonclient's index sends none) or a JSON
+        object of `allowed` keys."""
+        body = await self._body(request)
+        if not body.strip():
+            return {}
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise InvalidInputError(f"body: not JSON ({str(e)[:120]}); expected a JSON object") from None
+        return _object("body", doc, allowed)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        """Every model of the folder and every loaded one, with its state (Triton's JSON form:
+        version and reason only when set)."""
+        try:
+            doc = await self._repository_request(request, {"ready"})
+            ready = doc.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInputError(f"ready: got {shown(ready)}; expected a boolean")
+        except Exception as e:  # noqa: BLE001
+            return _error(e)
+        return web.json_response([_index_row(r) for r in self.protocol.index(ready_only=ready)])
+
+    async def _repository_parameters(self, request: web.Request) -> dict[str, Any]:
+        doc = await self._repository_request(request, {"parameters"})
+        return _object("parameters", doc.get("parameters", {}))
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        """Load the model, or replace it when loaded; answers once it serves."""
+        try:
+            await self.protocol.load(request.match_info["model"], await self._repository_parameters(request))
+        except Exception as e:  # noqa: BLE001
+            return _error(e)
+        return web.json_response({})
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        """Unload the model; answers once its in-flight requests have finished and its experts
+        have stopped."""
+        try:
+            await self.protocol.unload(request.match_info["model"], await self._repository_parameters(request))
+        except Exception as e:  # noqa: BLE001
+            return _error(e)
+        return web.json_response({})
+
+
+def _index_row(r: IndexEntry) -> dict[str, str]:
+    row = {"name": r.name, "version": r.version, "state": r.state.value, "reason": r.reason}
+    return {k: v for k, v in row.items() if v or k in ("name", "state")}
 
 
 def _model_of(request: web.Request) -> tuple[str, str]:
@@ -370,15 +424,15 @@ def _model_of(request: web.Request) -> tuple[str, str]:
 
 class RestServer:
     """The HTTP/REST port of `dynaroute serve`: started beside the gRPC port, on the same host,
-    with the same TLS files and token; stopped after the engine has drained."""
+    with the same TLS files and token; stopped after the models have drained."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, models: Repository, config: ServerConfig, is_ready: Callable[[], bool]) -> None:
         from dynaroute.gateway.security import read_token_file, server_ssl_context
 
         if config.http_port is None:
             raise ValueError("ServerConfig.http_port: None; the HTTP port is off")
         token = read_token_file(config.auth_token_file) if config.auth_token_file else None
-        self.gateway = RestGateway(engine, config, is_ready, token)
+        self.gateway = RestGateway(models, config, is_ready, token)
         self.ssl_context = (server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
                             if config.tls_cert and config.tls_key else None)
         self.config = config

@@ -1,11 +1,14 @@
-"""`dynaroute serve BUNDLE`: the grpc.aio gateway on Ray.
+"""`dynaroute serve DIR`: the grpc.aio gateway on Ray, serving a bundle or a folder of bundles.
 
-Start-up: join or start Ray, open the gRPC port with health NOT_SERVING, start the engine
-(router in this process, experts as Ray actors), then report SERVING and print one ready line
-(the ports, for scripts and tests that pass port 0). SIGTERM or SIGINT drains: health turns
-NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, the connections are cut (a
-call still arriving fails as UNAVAILABLE), the server stops, the actors are killed, and Ray is
-shut down if this process started it.
+Start-up: join or start Ray, open the gRPC port with health NOT_SERVING, start every model of
+the repository (gateway.repository: each its own router in this process and experts as Ray
+actors), then report SERVING and print one ready line (the models and ports, for scripts and
+tests that pass port 0). With --http-port, the KServe v2 HTTP/REST port (gateway.rest) opens
+beside the gRPC port, before the models start, and closes after they have drained. Health has a
+service per model too (its name), SERVING while the model serves. SIGTERM or SIGINT drains:
+health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish, the connections
+are cut (a call still arriving fails as UNAVAILABLE), the server stops, the actors are killed,
+and Ray is shut down if this process started it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,7 +34,7 @@ from dynaroute.errors import BundleError, UnavailableError
 from dynaroute.gateway.decoding import DecodeGuardInterceptor
 from dynaroute.gateway.kserve import KServeServicer
 from dynaroute.gateway.native import NativeServicer
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.repository import Repository, bundles_in
 
 log = logging.getLogger(__name__)
 
@@ -46,45 +48,12 @@ UNARY_INFERENCE = {f"/{NATIVE_SERVICE}/Infer": "native", f"/{NATIVE_SERVICE}/Inf
                    f"/{KSERVE_SERVICE}/ModelInfer": "kserve"}
 
 
-class EngineSlot:
-    """Stands in for the engine while it starts, so that the servicers can be registered (and
-    health can answer NOT_SERVING) before the actors are up; calls before then are UNAVAILABLE."""
-
-    def __init__(self) -> None:
-        self.engine: Engine | None = None
-        self.draining = False
-        self.last_call = 0.0  # time.monotonic() of the latest infer call, for the shutdown's quiet period
-
-    def get(self) -> Engine:
-        if self.engine is None:
-            raise UnavailableError("the server is starting; retry when health reports SERVING")
-        return self.engine
-
-    @property
-    def model_name(self) -> str:
-        return self.get().model_name
-
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None and self.engine.ready and not self.draining
-
-    def model_info(self) -> dict[str, Any]:
-        return self.get().model_info()
-
-    def admit(self, rows: int) -> None:
-        self.get().admit(rows)
-
-    async def infer(self, request: InferRequest) -> InferResult:
-        self.last_call = time.monotonic()
-        return await self.get().infer(request)
-
-
-async def quiesce(slot: EngineSlot, limit_s: float, quiet_s: float = 0.5) -> None:
-    """Keep answering (UNAVAILABLE, the engine is draining) until no call has come for
+async def quiesce(models: Repository, limit_s: float, quiet_s: float = 0.5) -> None:
+    """Keep answering (UNAVAILABLE, the models are draining) until no call has come for
     `quiet_s`, at most `limit_s`. gRPC core answers calls that had arrived but not yet reached
     a handler when the server stops with CANCELLED (grpc/grpc#41785); this lets them reach one."""
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline and time.monotonic() - slot.last_call < quiet_s:
+    while time.monotonic() < deadline and time.monotonic() - models.last_call < quiet_s:
         await asyncio.sleep(quiet_s / 4)
 
 
@@ -134,28 +103,41 @@ def sever_connections(port: int) -> int:
     return count
 
 
-def _model_label(slot: EngineSlot) -> str:
-    # As the servicers label what they refuse: the served model, "unknown" while starting.
-    return slot.engine.model_name if slot.engine is not None else "unknown"
-
-
 def _set_health(servicer: health.aio.HealthServicer, status: int) -> asyncio.Future:
     return asyncio.gather(*(servicer.set(name, status) for name in HEALTH_SERVICES))
 
 
-def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """The gRPC server with both APIs, health (NOT_SERVING until told) and reflection; bound,
-    not started. Returns it, its health servicer and the bound port."""
+class ServerState:
+    """Whether the server as a whole is ready: its models started, not draining. (A model's own
+    readiness is the repository's: one model loading or unloading leaves the server ready.)"""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+
+def build_server(
+    config: ServerConfig, models: Repository, state: ServerState
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server with both APIs, health (NOT_SERVING until told, a service per model as
+    the repository says) and reflection; bound, not started. Returns it, its health servicer
+    and the bound port."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    # Calls that name no model (an undecodable message, a refused token) are labelled with the
+    # only model's name, "unknown" when there are several.
     if config.auth_token_file:  # first: a refused call is never decoded
         from dynaroute.gateway.security import BearerTokenInterceptor, count_rejected, read_token_file
 
-        on_rejected = count_rejected(APIS, lambda: _model_label(slot))
+        on_rejected = count_rejected(APIS, lambda: models.label(""))
         interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file), on_rejected=on_rejected))
 
     def on_undecodable(method: str) -> None:
         if method in UNARY_INFERENCE:
-            metrics.record_refused(_model_label(slot), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
+            metrics.record_refused(models.label(""), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
 
     interceptors.append(
         DecodeGuardInterceptor(APIS, per_message=[f"/{NATIVE_SERVICE}/InferStream"], on_undecodable=on_undecodable)
@@ -173,12 +155,18 @@ def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Serve
         ],
     )
     dynaroute_pb2_grpc.add_DynarouteServicer_to_server(
-        NativeServicer(slot, config.max_message_bytes, lambda: slot.ready, config.max_stream_inflight), server
+        NativeServicer(models, config.max_message_bytes, lambda: state.ready, config.max_stream_inflight), server
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(slot, config.max_message_bytes, lambda: slot.ready), server
+        KServeServicer(models, config.max_message_bytes, lambda: state.ready), server
     )
     health_servicer = health.aio.HealthServicer()
+
+    async def on_change(name: str, serving: bool) -> None:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving and not state.draining
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    models.on_change = on_change
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (NATIVE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -197,7 +185,8 @@ def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Serve
 
 
 async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineConfig) -> int:
-    """Run the gateway until SIGTERM / SIGINT, then drain and stop. Ray must be initialised."""
+    """Run the gateway on a bundle or a folder of bundles (`bundle`) until SIGTERM / SIGINT,
+    then drain and stop. Ray must be initialised."""
     from prometheus_client import start_http_server
 
     from dynaroute.gateway.engine import RayEngine
@@ -207,53 +196,54 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    slot = EngineSlot()
-    server, health_servicer, port = build_server(config, slot)
+    models = Repository(bundle, engine_config, RayEngine.start)
+    state = ServerState()
+    server, health_servicer, port = build_server(config, models, state)
     metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    engine = rest = None
+    rest = None
     try:
         http: dict[str, str] = {}  # the HTTP port's address on the starting and ready lines, when it is on
         if config.http_port is not None:
             from dynaroute.gateway.rest import RestServer
 
-            rest = RestServer(slot, config, lambda: slot.ready)
+            rest = RestServer(models, config, lambda: state.ready)
             http["http"] = f"{config.host}:{await rest.start()}"
         shown_http = "".join(f" http={a}" for a in http.values())
         logs.announce(__name__, f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}{shown_http}",
                       bundle=str(bundle), grpc=f"{config.host}:{port}", **http)
-        engine = await RayEngine.start(bundle, engine_config)
-        slot.engine = engine
+        await models.load_all()
+        state.started = True
         # What start-up allocated (torch, Ray, the router, the tokenizer: millions of objects)
         # lives as long as the server. Left to the collector, every full collection walks it
         # and stalls the event loop for ~250 ms, which was the whole tail of refusal latency
         # under overload (p99 234 ms against 1.4 ms p50); frozen, a full collection takes ~5 ms.
+        # (Models loaded later are not frozen: freezing then would keep a replaced engine's
+        # cyclic garbage for good.)
         gc.freeze()
         if not stop.is_set():  # a SIGTERM while the actors started: go straight to shutting down
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             metrics_address = f"{config.metrics_host}:{metrics_server.server_port}"
+            names = ",".join(models.names)
             logs.announce(
-                __name__, f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
-                f"metrics={metrics_address}{shown_http}", model=engine.model_name, grpc=f"{config.host}:{port}",
-                metrics=metrics_address, **http,
+                __name__, f"dynaroute: serving model={names} grpc={config.host}:{port} metrics={metrics_address}"
+                f"{shown_http}", model=names, grpc=f"{config.host}:{port}", metrics=metrics_address, **http,
             )
             await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
     finally:
-        slot.draining = True
+        state.draining = True
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if engine is not None:
-            await engine.drain()
-            await quiesce(slot, config.grace_s)
+        await models.drain()
+        await quiesce(models, config.grace_s)
         # Every call in flight has been answered; calls still coming are cut at the socket, so
         # that none is answered CANCELLED by the server's stop.
         if rest is not None:
             await rest.stop()
         sever_connections(port)
         await server.stop(config.grace_s)
-        if engine is not None:
-            await engine.close()
+        await models.close()
         metrics_server.shutdown()
         metrics_server.server_close()
     logs.announce(__name__, "dynaroute: stopped")
@@ -276,7 +266,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
 
 
 def main_serve(args: argparse.Namespace) -> int:
-    """`dynaroute serve`: check the bundle and placement, start a local Ray (or join
+    """`dynaroute serve`: check the bundles and the placement, start a local Ray (or join
     --ray-address), serve until SIGTERM, clean up, exit 0."""
     from dynaroute.bundle import Bundle
     from dynaroute.gateway import raycluster
@@ -285,9 +275,13 @@ def main_serve(args: argparse.Namespace) -> int:
     # to tens of seconds, and a typo should not wait for it.
     try:
         server_config, engine_config = configs_from_args(args)
-        bundle = Bundle.load(args.bundle)
-        if engine_config.placement is not None:
-            engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+        bundles = [Bundle.load(path) for path in bundles_in(Path(args.bundle)).values()]
+        if engine_config.placement is not None:  # --placement places every model's subnets
+            for bundle in bundles:
+                try:
+                    engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+                except ValueError as e:
+                    raise ValueError(f"model {bundle.name!r}: {e}") from None
     except (BundleError, ValueError) as e:
         logs.error_line(__name__, f"dynaroute serve: {e}")
         return 2
@@ -299,8 +293,9 @@ def main_serve(args: argparse.Namespace) -> int:
             raycluster.join_ray(args.ray_address)
         from dynaroute.gateway.engine import RayEngine
 
-        placement = engine_config.placement or RayEngine.default_placement(bundle, engine_config)
-        raycluster.placement_wait(placement, engine_config.ready_timeout_s, can_grow=not started_ray)
+        for bundle in bundles:
+            placement = engine_config.placement or RayEngine.default_placement(bundle, engine_config)
+            raycluster.placement_wait(placement, engine_config.ready_timeout_s, can_grow=not started_ray)
         return asyncio.run(serve(args.bundle, server_config, engine_config))
     except (BundleError, OSError, ValueError, UnavailableError) as e:  # Ray, a busy port, bad TLS files, slow experts
         logs.error_line(__name__, f"dynaroute serve: {e}")

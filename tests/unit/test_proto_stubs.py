@@ -52,7 +52,8 @@ def _fields(msg: descriptor_pb2.DescriptorProto, prefix: str = "") -> dict[str, 
 def test_kserve_proto_is_wire_compatible_with_a_stock_client(tmp_path: Path) -> None:
     """Every message and field of our KServe v2 proto has the number, type and label of the
     public grpc_service.proto that tritonclient (a stock KServe v2 client) is built from, and
-    the six RPCs have the same request and response types."""
+    the RPCs (the six core ones and the model-repository extension's three) have the same
+    request and response types."""
     from tritonclient.grpc import service_pb2 as public
 
     ours = _kserve_file_descriptor(tmp_path)
@@ -74,6 +75,7 @@ def test_kserve_proto_is_wire_compatible_with_a_stock_client(tmp_path: Path) -> 
     public_methods = {m.name: (m.input_type, m.output_type) for m in public_service.method}
     assert [m.name for m in service.method] == [
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
     ]
     for m in service.method:
         assert (m.input_type, m.output_type) == public_methods[m.name]

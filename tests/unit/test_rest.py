@@ -126,8 +126,66 @@ def test_shipped_openapi_document_is_the_served_one() -> None:
 
 
 def test_openapi_lists_every_route_and_the_budget_names() -> None:
-    app = RestGateway(engine=None, config=ServerConfig(http_port=0), is_ready=lambda: True).app  # type: ignore[arg-type]
+    app = RestGateway(models=None, config=ServerConfig(http_port=0), is_ready=lambda: True).app  # type: ignore[arg-type]
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     documented = {(m, p) for p, ops in openapi_document()["paths"].items() for m in ops}
     assert served == documented
     assert set(PARAMETERS) == {*BUDGET_NUMBERS, *BUDGET_STRINGS}
+
+
+async def test_rest_answers_per_model_of_the_repository_and_loads_and_unloads(tmp_path, monkeypatch):
+    """The REST routes over a repository of two stand-in engines (no Ray): metadata and ready
+    per model, NOT_FOUND for a name not served, not ready (503) and 404 once unloaded while the
+    other answers, the repository endpoints, and metadata built again for a replaced model."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tests.unit.test_repository import StandInEngine, make_repository, write_bundle
+
+    write_bundle(tmp_path / "alpha", "alpha")
+    write_bundle(tmp_path / "beta", "beta")
+    models, started, _ = make_repository(tmp_path)
+    await models.load_all()
+    gateway = RestGateway(models, ServerConfig(http_port=0), is_ready=lambda: True)
+    async with TestClient(TestServer(gateway.app)) as client:
+        async def call(method: str, path: str, **kw: object) -> tuple[int, object]:
+            r = await client.request(method, path, **kw)
+            return r.status, await r.json()
+
+        for name in ("alpha", "beta"):
+            status, meta = await call("GET", f"/v2/models/{name}")
+            assert status == 200 and meta["name"] == name and meta["inputs"][0]["shape"] == [-1, 4], meta
+            assert await call("GET", f"/v2/models/{name}/versions/1/ready") == (200, {"name": name, "ready": True})
+        status, reply = await call("GET", "/v2/models/gamma")
+        assert status == 404 and "'gamma' is not served here" in reply["error"]
+        assert "model_repository" in (await call("GET", "/v2"))[1]["extensions"]
+
+        assert await call("POST", "/v2/repository/models/beta/unload",
+                          json={"parameters": {"unload_dependents": False}}) == (200, {})
+        assert started[1].events == ["drain", "close"]
+        assert await call("GET", "/v2/models/beta/ready") == (503, {"name": "beta", "ready": False})
+        status, reply = await call("GET", "/v2/models/beta")
+        assert status == 404 and "not loaded" in reply["error"] and "/v2/repository/models/beta/load" in reply["error"]
+        assert (await call("GET", "/v2/models/alpha/ready"))[0] == 200
+        status, rows = await call("POST", "/v2/repository/index")  # an empty body, as tritonclient sends
+        assert status == 200 and rows == [{"name": "alpha", "version": "1", "state": "READY"},
+                                          {"name": "beta", "version": "1", "state": "UNAVAILABLE",
+                                           "reason": "unloaded"}]
+        assert await call("POST", "/v2/repository/index", json={"ready": True}) == (
+            200, [{"name": "alpha", "version": "1", "state": "READY"}])
+        for path, body, code, needle in (
+            ("/v2/repository/index", {"ready": "yes"}, 400, "ready"),
+            ("/v2/repository/models/beta/load", {"parameters": {"config": "{}"}}, 400, "parameters"),
+            ("/v2/repository/models/beta/unload", {"parameters": {"force": True}}, 400, "parameters"),
+            ("/v2/repository/models/gamma/load", {}, 404, "no bundle named 'gamma'"),
+        ):
+            status, reply = await call("POST", path, json=body)
+            assert status == code and needle in reply["error"], (path, reply)
+
+        assert await call("POST", "/v2/repository/models/beta/load") == (200, {})
+        assert (await call("GET", "/v2/models/beta/ready"))[0] == 200
+        assert (await call("GET", "/v2/models/alpha"))[1]["outputs"][0]["shape"] == [-1, 2]
+        three = {"input": {"kind": "tensor", "dtype": "float32", "shape": [4]}, "labels": ["no", "yes", "maybe"]}
+        monkeypatch.setattr(StandInEngine, "model_info", lambda self: three)  # the new version has 3 labels
+        assert await call("POST", "/v2/repository/models/alpha/load") == (200, {})  # a replace
+        assert (await call("GET", "/v2/models/alpha"))[1]["outputs"][0]["shape"] == [-1, 3]
+    await models.close()
