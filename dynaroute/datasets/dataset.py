@@ -97,6 +97,7 @@ class Dataset:
     parts: dict[str, Part]
     features: tuple[str, ...] | None = None  # tabular: the feature columns, in input order
     source: dict[str, Any] = field(default_factory=dict)  # the manifest's record of files and columns
+    record_rows: bool = True  # False: a built-in data set whose rows are not a user's file's
 
     def __getitem__(self, split: str) -> Part:
         return self.parts[split]
@@ -114,8 +115,10 @@ class Dataset:
 
     def manifest(self) -> dict[str, Any]:
         """The manifest's `data`: the source files and columns, each split's file and rows."""
-        return {**self.source, "split_sizes": {k: len(p) for k, p in self.parts.items()},
-                "rows": {k: {"file": p.file, "rows": p.rows.tolist()} for k, p in self.parts.items()}}
+        out = {**self.source, "split_sizes": {k: len(p) for k, p in self.parts.items()}}
+        if self.record_rows:
+            out["rows"] = {k: {"file": p.file, "rows": p.rows.tolist()} for k, p in self.parts.items()}
+        return out
 
 
 def _column(table: Table, name: str, role: str) -> Any:

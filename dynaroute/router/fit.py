@@ -2,7 +2,7 @@
 
 `fit_router` is generic over the router module and its inputs (a tensor, or an (ids, mask)
 tuple per split); `fit_router_and_calibrate` is the digits pipeline's call. Both ways of
-training are run and compared (see dynaroute/train/router.py): the joint fine-tune starts, on
+training are run and compared (see dynaroute/training/router.py): the joint fine-tune starts, on
 copies, from the supervised router and the trained supernet and is calibrated the same way,
 so the two differ only by the joint step. The bundle keeps the supervised router on the
 supernet as trained: keeping the joint one would also replace the shared weights and so every
@@ -30,8 +30,8 @@ from dynaroute.router.cascade import pareto_ladder
 from dynaroute.router.model import MLPRouter, MLPRouterConfig, Router
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
-from dynaroute.train.evaluate import subnet_probs
-from dynaroute.train.router import (
+from dynaroute.training.evaluate import subnet_probs
+from dynaroute.training.router import (
     JointTrainConfig,
     RouterTrainConfig,
     correctness_targets,
