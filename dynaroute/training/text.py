@@ -88,6 +88,15 @@ class TextTrainConfig:
             raise ValueError("TextTrainConfig.widths_per_step and depth_widths_per_step must be >= 1")
 
 
+# Each stage's data stream has its own seed, derived from the run's: one place, read by the
+# stages and by `unseen_sentence_rows`, which replays their streams.
+STAGE_SEEDS = {"teacher": 1, "rewire": 2, "width": 3, "depth": 4}
+
+
+def stage_seed(cfg: TextTrainConfig, stage: str) -> int:
+    return cfg.seed * 100 + STAGE_SEEDS[stage]
+
+
 # A stage's step cap may change until that stage is done (e.g. to fit a run into the time left;
 # a stage resumed with another cap continues its learning-rate schedule towards the new end).
 _STAGE_CAPS = {"teacher": ("teacher_steps", "teacher_epochs"), "width": ("width_steps",), "depth": ("depth_steps",)}
@@ -146,8 +155,8 @@ def train_text(
     c = model.config
     full = c.num_layers
 
-    def stream(stage_seed: int) -> Iterator:
-        return batch_stream(train, encoder, lengths, cfg.batch_size, cfg.seed * 100 + stage_seed)
+    def stream(stage_name: str) -> Iterator:
+        return batch_stream(train, encoder, lengths, cfg.batch_size, stage_seed(cfg, stage_name))
 
     def stage(stage_name: str, steps: int, lr: float, batches: Iterator, loss: Any) -> dict[str, Any]:
         return run_stage(stage_name, model, steps, lr, batches, loss, ck, cfg.seed, cfg.warmup_fraction,
@@ -164,7 +173,7 @@ def train_text(
             return sum(F.cross_entropy(z, y) for z in logits) / len(logits)
 
         steps = stage_steps(cfg.teacher_steps, steps_cap, cfg.teacher_epochs or cfg.epochs, len(train), cfg.batch_size)
-        info = stage("teacher", steps, cfg.lr_teacher, stream(1), teacher_loss)
+        info = stage("teacher", steps, cfg.lr_teacher, stream("teacher"), teacher_loss)
         save_weights(model, ck.weights("teacher"))
         info["test_accuracy"] = full_accuracy(model, splits["test"], encoder)
         checkpoint_time()
@@ -175,7 +184,7 @@ def train_text(
         model.load_state_dict(load_file(str(ck.weights("teacher"))))
         model.eval()  # deterministic gradients; dropout off
         model.zero_grad(set_to_none=True)
-        batches = stream(2)
+        batches = stream("rewire")
         for _ in range(cfg.importance_batches):
             x, y = next(batches)
             F.cross_entropy(model.forward_exits(x, 1.0)[-1], y).backward()
@@ -201,7 +210,7 @@ def train_text(
             return loss / len(chosen)
 
         steps = stage_steps(cfg.width_steps, steps_cap, cfg.epochs, len(train), cfg.batch_size)
-        info = stage("width", steps, cfg.lr_width, stream(3), width_loss)
+        info = stage("width", steps, cfg.lr_width, stream("width"), width_loss)
         del teacher
         save_weights(model, ck.weights("width"))
         info["test_accuracy"] = full_accuracy(model, splits["test"], encoder)
@@ -226,7 +235,7 @@ def train_text(
             return loss / (len(chosen) * len(c.depths))
 
         steps = stage_steps(cfg.depth_steps, steps_cap, cfg.epochs, len(train), cfg.batch_size)
-        info = stage("depth", steps, cfg.lr_depth, stream(4), depth_loss)
+        info = stage("depth", steps, cfg.lr_depth, stream("depth"), depth_loss)
         del teacher
         save_weights(model, ck.weights("depth"))
         checkpoint_time()
@@ -363,10 +372,9 @@ def unseen_sentence_rows(lengths: list[int], cfg: TextTrainConfig, steps: dict[s
     """Indices of sentence-like training rows that no stage drew: each stage's batch stream
     (see `batch_stream`) is replayed for the steps it ran. They are as held-out as the
     validation split (neither was trained on), and look like what is served."""
-    seeds = {"teacher": 1, "rewire": 2, "width": 3, "depth": 4}
     seen: set[int] = set()
     for stage, n in steps.items():
-        seed = cfg.seed * 100 + seeds[stage]
+        seed = stage_seed(cfg, stage)
         epoch = 0
         while n > 0:
             batches = length_batches(lengths, cfg.batch_size, random.Random(seed * 1000 + epoch))
