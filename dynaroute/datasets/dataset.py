@@ -207,18 +207,14 @@ def feature_columns(spec: DataSpec, table: Table) -> tuple[str, ...]:
     return cols
 
 
-def read_part(path: str, spec: DataSpec, encoder: LabelEncoder | None, features: Sequence[str] | None
-              ) -> tuple[Part, list[str] | None]:
-    """Read one file as a Part. Without an `encoder` (the training file), the label names are
-    returned for `LabelEncoder.fit` and `y` is left empty."""
+def read_part(path: str, spec: DataSpec, encoder: LabelEncoder, features: Sequence[str] | None) -> Part:
+    """Read one file as a Part, its labels encoded by `encoder` (a label it lacks is refused)."""
     table = read_table(path)
     label_column = spec.label_for(table)
     names = read_labels(table, label_column)
-    x: Any = read_texts(table, spec.text_column) if spec.kind == "text" else read_features(table, features or ())
+    x: Any = read_texts(table, spec.text_column or "") if spec.kind == "text" else read_features(table, features or ())
     rows = np.arange(1, len(table) + 1, dtype=np.int64)
-    if encoder is None:
-        return Part(str(path), rows, x, np.empty(0, np.int64)), names
-    return Part(str(path), rows, x, encoder.encode(names, rows, str(path), label_column)), None
+    return Part(str(path), rows, x, encoder.encode(names, rows, str(path), label_column))
 
 
 def load_dataset(spec: DataSpec) -> Dataset:
@@ -234,7 +230,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
     encoder = LabelEncoder.fit(names, spec.train, label_column)
     rows = np.arange(1, len(train_table) + 1, dtype=np.int64)
     train = Part(spec.train, rows, x, encoder.encode(names, rows, spec.train, label_column))
-    given = {k: read_part(p, spec, encoder, features)[0]
+    given = {k: read_part(p, spec, encoder, features)
              for k, p in (("val", spec.validation), ("test", spec.test)) if p is not None}
     missing = [k for k in ("val", "test") if k not in given]
     if missing:

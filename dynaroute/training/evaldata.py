@@ -66,8 +66,7 @@ def read_labelled_file(bundle: Bundle, path: str | Path, options: dict[str, Any]
     if spec.kind == "tabular" and width is not None and len(features or ()) != width:
         raise DataError(f"has {len(features or ())} feature columns {list(features or ())}; the bundle "
                         f"{bundle.name!r} takes {width} (pass --feature-columns)", file=path)
-    part, _ = read_part(path, spec, LabelEncoder(tuple(bundle.labels)), features)
-    return part
+    return read_part(path, spec, LabelEncoder(tuple(bundle.labels)), features)
 
 
 def _probs_fn(bundle: Bundle, parts: dict[str, Part]) -> Any:
