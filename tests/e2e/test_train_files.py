@@ -1,5 +1,6 @@
 """`dynaroute train --data FILE` then `dynaroute eval --data FILE`, as a user runs them: a
-3-class text TSV with string labels (tiny DynaBERT settings), a tabular CSV with named labels,
+3-class text TSV with string labels (tiny DynaBERT settings; then served on Ray, the label names
+in the replies), a tabular CSV with named labels,
 every bad-data case refused with one line and no bundle, and `dynaroute.train` from arrays."""
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 
 import dynaroute
 from dynaroute.bundle import Bundle
+from dynaroute.client import Client
 from dynaroute.datasets.standardize import feature_stats
+from tests.serving import ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -92,6 +95,18 @@ def test_text_tsv_with_three_string_labels_trains_evaluates_and_keeps_the_names(
     assert report["labels"] == TEXT_LABELS and report["test_data"]["rows"] == 30
     assert len(report["subnets"]) == 12 and len(report["dynamic"]) == 5
     assert (tmp_path / "ev" / "pareto.png").is_file()
+
+    # served on local Ray: GetModel and every reply carry the data's label names
+    server = ServerProcess.start(out)
+    try:
+        with Client(server.grpc_address, timeout_s=60) as client:
+            assert list(client.get_model().labels) == TEXT_LABELS
+            for text in ("the cast is brilliant", "the film is so-so", "the story is dull"):
+                reply = client.infer(text=text, quality=0.5)
+                assert len(reply.outputs.logits) == 3
+                assert reply.outputs.label_name == TEXT_LABELS[reply.outputs.label]
+    finally:
+        assert server.stop() == 0
 
 
 def test_tabular_csv_with_named_labels_trains_standardised_and_evaluates_on_any_file(tmp_path: Path) -> None:
