@@ -146,6 +146,11 @@ def test_tabular_csv_with_named_labels_trains_standardised_and_evaluates_on_any_
     assert next(s for s in r["subnets"] if s["name"] == bundle.full_subnet)["test_accuracy"] >= 0.85
     assert {"dynamic", "oracle", "static_frontier"} <= set(r)
 
+    (tmp_path / "odd.csv").write_text(data.read_text().replace("virginica", "tulip", 1))
+    refused = cli("eval", str(out), "--data", str(tmp_path / "odd.csv"), cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "odd.csv', row 101, column 'species': label 'tulip' never occurs in the training data" in refused.stderr
+
 
 GOOD = "a,b,label\n" + "".join(f"{i},{i % 7},{'xy'[i % 2]}\n" for i in range(20))
 BAD_DATA = {
