@@ -21,7 +21,8 @@ from dynaroute.client import Client
 from dynaroute.datasets.standardize import feature_stats
 from tests.serving import ServerProcess
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Alone, the text test takes about 3 minutes (training, eval, a served Ray); the limit leaves room for a busy machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT_LABELS = ["neg", "pos", "meh"]
