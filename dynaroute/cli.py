@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from dynaroute.config import SloConfig
+
 # `train` options that only one task reads: given to the other, they would be ignored silently.
 SST2_ONLY = ("data", "max_length", "max_examples", "base_model", "steps", "teacher_epochs", "teacher_steps",
              "width_steps", "depth_steps", "val_examples", "router_examples", "test_examples", "batch_size", "threads")
@@ -121,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="larger requests: INVALID_ARGUMENT")
     p.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls to finish")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--slo-ms", type=float, default=None,
+                   help="latency objective: under load, budgets that allow it (a floor) are lowered to hold it "
+                   "(default: only requests' own deadlines)")
+    p.add_argument("--slo-lower-at", type=float, default=SloConfig.lower_at,
+                   help="lower budgets while the queue delay is at least this share of the objective "
+                   "(default: %(default)s)")
+    p.add_argument("--slo-restore-at", type=float, default=SloConfig.restore_at,
+                   help="restore them once it is at most this share (default: %(default)s) ...")
+    p.add_argument("--slo-hold-s", type=float, default=SloConfig.hold_s,
+                   help="... and nothing was lowered for this long (default: %(default)s)")
     p.add_argument("--ready-timeout-s", type=float, default=120.0,
                    help="how long to wait for a node that can hold the placement (on a joined cluster), then "
                    "for the expert actors to load")
@@ -139,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-accuracy", type=float)
     b.add_argument("--subnet")
     p.add_argument("--policy", default=None)
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--min-quality", type=float, default=None,
+                   help="the server may lower the budget to this quality under load (default: never lowered)")
+    f.add_argument("--min-accuracy", type=float, default=None,
+                   help="the server may lower the budget to this expected accuracy under load")
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument("--ca", default=None, help="CA certificate to verify a TLS server")
     p.add_argument("--cert", default=None)

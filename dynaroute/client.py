@@ -42,8 +42,12 @@ def make_request(
     target_accuracy: float | None = None,
     subnet: str | None = None,
     policy: str | None = None,
+    min_quality: float | None = None,
+    min_accuracy: float | None = None,
 ) -> pb.InferRequest:
-    """One native request: a tensor (one example) or a text, and at most one budget target."""
+    """One native request: a tensor (one example) or a text, at most one budget target, and at
+    most one floor (`min_quality`, `min_accuracy`): how far the server may lower the budget under
+    load (none: never)."""
     if (tensor is None) == (text is None):
         raise ValueError("give exactly one of tensor and text")
     targets = {"quality": quality, "max_flops": max_flops, "target_accuracy": target_accuracy, "subnet": subnet}
@@ -53,6 +57,10 @@ def make_request(
     budget = pb.Budget(**chosen)
     if policy is not None:
         budget.policy = policy
+    if min_quality is not None:
+        budget.min_quality = min_quality
+    if min_accuracy is not None:
+        budget.min_accuracy = min_accuracy
     req = pb.InferRequest(model=model, id=id, budget=budget)
     if text is not None:
         req.text = text
@@ -240,6 +248,10 @@ def format_reply(reply: pb.InferReply) -> str:
         f"time:  queue {c.queue_seconds * 1e3:.2f} ms  compute {c.compute_seconds * 1e3:.2f} ms  "
         f"total {c.total_seconds * 1e3:.2f} ms",
     ]
+    if r.budget_lowered:
+        a, g = r.budget_asked, r.budget_got
+        lines.append(f"budget: lowered under load from {a.policy} {a.flops_ratio:.1%} (expected accuracy "
+                     f"{a.expected_accuracy:.4f}) to {g.policy} {g.flops_ratio:.1%} ({g.expected_accuracy:.4f})")
     return "\n".join(lines)
 
 
@@ -251,6 +263,7 @@ def main_infer(args: argparse.Namespace) -> int:
             kwargs: dict[str, Any] = {
                 "model": args.model or "", "quality": args.quality, "max_flops": args.max_flops,
                 "target_accuracy": args.target_accuracy, "subnet": args.subnet, "policy": args.policy,
+                "min_quality": args.min_quality, "min_accuracy": args.min_accuracy,
             }
             if args.tensor:
                 # JSON numbers carry no dtype: use the model's input dtype.

@@ -6,8 +6,11 @@ request parameters (quality, max_flops, target_accuracy, subnet, policy; any oth
 refused); the route and cost go back in response parameters: `route` and `cost` as JSON lists
 with one entry per row, plus scalar totals (total_flops, full_flops, flops_ratio) that plain
 KServe clients can read, and `budget_out_of_reach` (with `budget_note`) when no calibrated
-point met the budget. One call counts once in dynaroute_requests_total, its rows in
-dynaroute_rows_total.
+point met the budget. The budget asked and the one served are in each row's `route` entry
+(`budget_asked`, `budget_got`, `budget_lowered`), with the rows served below their budget
+(`rows_lowered`) and the mean expected FLOPs ratio of the points asked and served
+(`budget_asked_flops_ratio`, `budget_got_flops_ratio`) as scalars. One call counts once in
+dynaroute_requests_total, its rows in dynaroute_rows_total.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from dynaroute._proto import grpc_service_pb2 as pb
 from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.inputs import InputSpec, check_example, check_size, check_text, decode_bytes_elements
-from dynaroute.gateway.native import deadline_of
+from dynaroute.gateway.native import deadline_of, point_fields
 from dynaroute.gateway.status import record_request, status_for
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import OperatingPoint
 
 API = "kserve"
 VERSION = "1"
@@ -53,7 +57,7 @@ DATATYPES: dict[str, tuple[str, str]] = {
 }
 DATATYPE_OF = {np_name: dt for dt, (np_name, _) in DATATYPES.items() if dt != "BYTES"}
 OUTPUTS = ("logits", "label", "confidence")
-BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy")
+BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy", "min_quality", "min_accuracy")
 BUDGET_STRINGS = ("subnet", "policy")
 
 
@@ -100,6 +104,10 @@ def decode_budget(params: Any) -> Budget:
         return Budget(**kwargs)
     except InvalidInputError as e:
         raise InvalidInputError(f"parameters: {e}") from None
+
+
+def _point_dict(point: OperatingPoint | None) -> dict[str, Any] | None:
+    return None if point is None else point_fields(point)
 
 
 def metadata_tensors(spec: InputSpec, num_classes: int) -> tuple[list[Any], list[Any]]:
@@ -267,7 +275,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         routes = [
             {"subnets": r.route.subnets, "weights": r.route.weights, "escalations": r.route.escalations,
              "exit_depths": r.route.exit_depths, "fallbacks": r.route.fallbacks, "policy": r.route.policy,
-             "label_name": r.label_name, "budget_out_of_reach": r.route.budget_out_of_reach}
+             "label_name": r.label_name, "budget_out_of_reach": r.route.budget_out_of_reach,
+             "budget_asked": _point_dict(r.route.budget_asked), "budget_got": _point_dict(r.route.budget_got),
+             "budget_lowered": r.route.budget_lowered}
             for r in results
         ]
         costs = [
@@ -289,6 +299,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         params["budget_out_of_reach"].bool_param = results[0].route.budget_out_of_reach
         if results[0].route.budget_out_of_reach:
             params["budget_note"].string_param = results[0].route.budget_note
+        params["rows_lowered"].int64_param = sum(r.route.budget_lowered for r in results)
+        asked = [r.route.budget_asked.flops_ratio for r in results if r.route.budget_asked is not None]
+        got = [r.route.budget_got.flops_ratio for r in results if r.route.budget_got is not None]
+        if asked and got:
+            params["budget_asked_flops_ratio"].double_param = sum(asked) / len(asked)
+            params["budget_got_flops_ratio"].double_param = sum(got) / len(got)
         return resp
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
