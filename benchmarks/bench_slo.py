@@ -6,7 +6,7 @@
 One `dynaroute serve --slo-ms` on local Ray. First the full model's capacity (pinned, 32 in flight,
 closed loop); then, for each deadline (`--deadlines`, default 1 s and 250 ms), the same open-loop
 trace three times: `--low` x capacity for `--low-s`, `--factor` x capacity for `--burst-s`, back to
-`--low` x for `--low-s`, every request with that deadline, labelled inputs in a fixed order
+`--low` x for `--after-s`, every request with that deadline, labelled inputs in a fixed order
 (SST-2 dev sentences, or the digits test split). Three ways of serving it:
 
 - full: the full subnet pinned;
@@ -68,7 +68,7 @@ def trace(cap: float, args: argparse.Namespace) -> tuple[list[float], list[str]]
     phases: list[str] = []
     t0 = 0.0
     for phase, factor, seconds in (("low", args.low, args.low_s), ("burst", args.factor, args.burst_s),
-                                   ("after", args.low, args.low_s)):
+                                   ("after", args.low, args.after_s)):
         times = steady(factor * cap, seconds)
         send_at += [t0 + t for t in times]
         phases += [phase] * len(times)
@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--low", type=float, default=0.5, help="load before and after the burst / capacity")
     parser.add_argument("--low-s", type=float, default=4.0)
     parser.add_argument("--burst-s", type=float, default=8.0)
+    parser.add_argument("--after-s", type=float, default=6.0)
     parser.add_argument("--fixed-quality", type=float, default=0.5)
     parser.add_argument("--floor-quality", type=float, default=0.5)
     parser.add_argument("--capacity-n", type=int, default=600)
@@ -181,7 +182,7 @@ def main() -> int:
             runs: dict[str, list[Sent]] = {}
             results: dict[str, dict[str, dict]] = {}
             for server in SERVERS:
-                time.sleep(4.0)  # the controller back at its rest level, queues empty
+                time.sleep(6.0)  # the controller back at its rest level, queues empty
                 runs[server] = asyncio.run(open_loop(address, request_of(server), send_at, deadline_s))
                 results[server] = phase_rows(runs[server], phases, labels, deadline_s)
             low_accuracy = results["full"]["low"]["answered_accuracy"]

@@ -19,8 +19,8 @@ floor.
 Every `tick_ms` the controller compares the delay of the engine's queues with the objective
 (`SloConfig.objective_ms`, or the tightest deadline among the recent requests that allow
 lowering, whichever is shorter): the delay is the larger of the longest expected wait of a
-queue (the work ahead at its measured drain rate, `MicroBatcher.expected_wait_s`) and the
-mean queue time of the answers since the last tick. At a delay of `lower_at` times the
+queue (the work ahead at its measured drain rate, `MicroBatcher.expected_wait_s`) and a
+moving average of the answers' queue time. At a delay of `lower_at` times the
 objective or more it raises the level, faster the further above; at `restore_at` or less, and
 once nothing was lowered for `hold_s`, it lowers the level by `restore_per_s` per second;
 between the two it holds (hysteresis, so that it does not oscillate). `lower_at` (0.4) is
@@ -46,6 +46,10 @@ from dynaroute.router.calibration import CalibrationTable, OperatingPoint
 
 # Distinct budgets whose ladder is kept (cleared when full: clients choose budgets freely).
 _LADDER_CACHE_SIZE = 1024
+# Weight of one answer's queue time in the measured delay (a moving average over answers): one
+# slow answer on a busy machine does not lower anyone's budget, a queue that grows soon does. A
+# tick without answers decays it by the same weight.
+DELAY_SMOOTHING = 0.1
 
 
 class QueueView(Protocol):
@@ -84,8 +88,8 @@ class SloController:
         self._ladders: dict[Budget, list[OperatingPoint]] = {}
         self._last_update: float | None = None
         self._last_lowered = -math.inf
-        self._queue_s_sum = 0.0  # queue time of the answers since the last tick
-        self._queue_s_count = 0
+        self._measured_s = 0.0  # moving average of the answers' queue time
+        self._answered = False  # whether an answer came since the last tick
         self._tick_deadline = math.inf  # tightest time left among this tick's requests that allow lowering
         self._deadlines: deque[tuple[float, float]] = deque()  # (tick time, tightest time left) per tick
         # A pinned subnet is served as asked: a point of its own, policy "subnet".
@@ -142,8 +146,8 @@ class SloController:
 
     def served(self, choice: Choice, queue_s: float) -> None:
         """An answered request: its queue time feeds the measured delay; metrics."""
-        self._queue_s_sum += queue_s
-        self._queue_s_count += 1
+        self._measured_s += DELAY_SMOOTHING * (queue_s - self._measured_s)
+        self._answered = True
         self._ratio.observe(choice.got.mean_flops / choice.asked.mean_flops if choice.asked.mean_flops else 1.0)
         if choice.lowered:
             self._lowered.inc()
@@ -163,12 +167,13 @@ class SloController:
         return max(min(candidates), 1e-3) if candidates else None
 
     def delay_s(self) -> float:
-        """The delay watched: the longest expected wait of a queue, or the mean queue time of
-        the answers since the last tick if longer."""
+        """The delay watched: the longest expected wait of a queue, or the moving average of the
+        answers' queue time if longer."""
         predicted = max((q.expected_wait_s() for q in self._queues()), default=0.0)
-        measured = self._queue_s_sum / self._queue_s_count if self._queue_s_count else 0.0
-        self._queue_s_sum, self._queue_s_count = 0.0, 0
-        return max(predicted, measured)
+        if not self._answered:
+            self._measured_s *= 1 - DELAY_SMOOTHING
+        self._answered = False
+        return max(predicted, self._measured_s)
 
     def update(self, now: float) -> float:
         """One tick: read the queues, move the level; returns it."""

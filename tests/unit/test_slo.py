@@ -165,6 +165,23 @@ def test_hysteresis_holds_in_the_band_and_waits_before_restoring() -> None:
     assert ctl2.level < 0.5
 
 
+def test_one_slow_answer_on_a_busy_machine_lowers_nobody_a_queue_that_stays_slow_does() -> None:
+    queue = SyntheticQueue(FULL)
+    ctl = controller(queue)  # lowers at 0.4 x 250 ms = 100 ms of delay
+    answer = ctl.pinned("w1-d3-p0")
+    t = 0.0
+    for i in range(100):
+        ctl.served(answer, 0.2 if i == 50 else 0.01)  # one answer waited 200 ms, the rest 10 ms
+        t += 0.02
+        ctl.update(t)
+    assert ctl.level == 0.0
+    for _ in range(20):  # every answer waits 200 ms
+        ctl.served(answer, 0.2)
+        t += 0.02
+        ctl.update(t)
+    assert ctl.level > 0.0
+
+
 def test_without_an_objective_only_deadlines_of_requests_that_allow_lowering_set_one() -> None:
     queue = SyntheticQueue(FULL)
     ctl = controller(queue, objective_ms=None)
