@@ -36,6 +36,10 @@ class SyntheticQueue:
         self.capacity = capacity
         self.work = 0.0
 
+    @property
+    def idle(self) -> bool:
+        return self.work == 0
+
     def expected_wait_s(self) -> float:
         return self.work / self.capacity
 
@@ -180,6 +184,22 @@ def test_one_slow_answer_on_a_busy_machine_lowers_nobody_a_queue_that_stays_slow
         t += 0.02
         ctl.update(t)
     assert ctl.level > 0.0
+
+
+def test_an_idle_queue_with_a_stale_drain_rate_lowers_nobody() -> None:
+    """A queue whose last batch was slowed (a busy machine) keeps a low drain rate until its next
+    batch: idle, its expected wait says nothing about delay."""
+    stale = SyntheticQueue(FULL / 100)  # reports 1 s of wait per FULL of work
+    ctl = controller(stale)
+    stale.work = FULL
+    ctl.update(0.0)
+    ctl.update(0.02)
+    assert ctl.level > 0.0  # busy and slow: lower
+    stale.work = 0.0
+    stale.expected_wait_s = lambda: 5.0  # idle now, still reporting a long wait  # type: ignore[method-assign]
+    for i in range(2, 400):
+        ctl.update(i * 0.02)
+    assert ctl.level == 0.0
 
 
 def test_without_an_objective_only_deadlines_of_requests_that_allow_lowering_set_one() -> None:
