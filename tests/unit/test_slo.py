@@ -30,7 +30,7 @@ SUBNETS = [{"name": "w1-d3-p0", "flops": 100, "val_accuracy": 0.95}]
 
 class SyntheticQueue:
     """A queue of work in FLOPs drained at `capacity` FLOPs per second: the wait it reports is
-    the work ahead over the capacity, as MicroBatcher.expected_wait_s reports its own."""
+    the work ahead over the capacity, as MicroBatcher.backlog_s reports its own."""
 
     def __init__(self, capacity: float):
         self.capacity = capacity
@@ -40,7 +40,7 @@ class SyntheticQueue:
     def idle(self) -> bool:
         return self.work == 0
 
-    def expected_wait_s(self) -> float:
+    def backlog_s(self) -> float:
         return self.work / self.capacity
 
     def step(self, arrived_flops: float, dt: float) -> None:
@@ -72,11 +72,11 @@ def simulate(ctl: SloController, queue: SyntheticQueue, budget: Budget, phases: 
             chosen = [ctl.choose(budget, asked) for _ in range(n)]
             for c in chosen:
                 assert c.got.accuracy >= (budget.min_accuracy or 0.0) - 1e-12
-                ctl.served(c, queue.expected_wait_s())
+                ctl.served(c, queue.backlog_s())
             queue.step(sum(c.got.mean_flops for c in chosen), dt)
             t += dt
             ctl.update(t)
-            log.append({"t": t, "level": ctl.level, "wait": queue.expected_wait_s(),
+            log.append({"t": t, "level": ctl.level, "wait": queue.backlog_s(),
                         "flops": sum(c.got.mean_flops for c in chosen) / n if n else math.nan})
     return log
 
@@ -196,7 +196,7 @@ def test_an_idle_queue_with_a_stale_drain_rate_lowers_nobody() -> None:
     ctl.update(0.02)
     assert ctl.level > 0.0  # busy and slow: lower
     stale.work = 0.0
-    stale.expected_wait_s = lambda: 5.0  # idle now, still reporting a long wait  # type: ignore[method-assign]
+    stale.backlog_s = lambda: 5.0  # idle now, still reporting a long wait  # type: ignore[method-assign]
     for i in range(2, 400):
         ctl.update(i * 0.02)
     assert ctl.level == 0.0
