@@ -59,21 +59,26 @@ def infer_kwargs(x: Any) -> dict[str, Any]:
     return {"text": x} if isinstance(x, str) else {"tensor": x}
 
 
-async def capacity(address: str, request: Request, n: int, concurrency: int = 32) -> float:
-    """Requests per second of a closed loop: `concurrency` requests in flight, `n` in all (after
-    one round to warm up)."""
+async def closed_loop(address: str, request: Request, n: int, concurrency: int = 32) -> tuple[float, list[Any]]:
+    """A closed loop: `concurrency` requests in flight, `n` in all (after one round to warm up).
+    Returns the requests per second and the replies, in request order."""
     async with AsyncClient(address, timeout_s=120) as c:
         slots = asyncio.Semaphore(concurrency)
 
-        async def one(i: int) -> None:
+        async def one(i: int) -> Any:
             async with slots:
                 x = request(i)
-                await c.infer(x.pop("tensor", None), **x)
+                return await c.infer(x.pop("tensor", None), **x)
 
         await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm up
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return n / (time.perf_counter() - t0)
+        replies = await asyncio.gather(*(one(i) for i in range(n)))
+        return n / (time.perf_counter() - t0), list(replies)
+
+
+async def capacity(address: str, request: Request, n: int, concurrency: int = 32) -> float:
+    """Requests per second of a closed loop (`closed_loop`)."""
+    return (await closed_loop(address, request, n, concurrency))[0]
 
 
 def steady(rate: float, seconds: float) -> list[float]:

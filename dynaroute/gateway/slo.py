@@ -19,8 +19,8 @@ floor.
 Every `tick_ms` the controller compares the delay of the engine's queues with the objective
 (`SloConfig.objective_ms`, or the tightest deadline among the recent requests that allow
 lowering, whichever is shorter): the delay is the larger of the longest backlog of a
-queue that has work (the work ahead at its measured drain rate, `MicroBatcher.backlog_s`) and a
-moving average of the answers' queue time. At a delay of `lower_at` times the
+queue in which requests wait (the work ahead at its measured drain rate,
+`MicroBatcher.backlog_s`) and a moving average of the answers' queue time. At a delay of `lower_at` times the
 objective or more it raises the level, faster the further above; at `restore_at` or less, and
 once nothing was lowered for `hold_s`, it lowers the level by `restore_per_s` per second;
 between the two it holds (hysteresis, so that it does not oscillate). `lower_at` (0.4) is
@@ -56,7 +56,7 @@ class QueueView(Protocol):
     """What the controller reads of a queue (a MicroBatcher)."""
 
     @property
-    def idle(self) -> bool: ...
+    def queue_depth(self) -> int: ...
 
     def backlog_s(self) -> float: ...
 
@@ -170,12 +170,12 @@ class SloController:
         return max(min(candidates), 1e-3) if candidates else None
 
     def delay_s(self) -> float:
-        """The delay watched: the longest backlog of a queue (the work ahead of a request queued
-        now, at the queue's measured drain rate), or the moving average of the answers' queue
-        time if longer. An idle queue has none: its drain rate is the one its last batch
-        measured, which may be stale (a batch slowed by a busy machine), and only a batch
-        corrects it, as admission control too only refuses for work ahead."""
-        predicted = max((q.backlog_s() for q in self._queues() if not q.idle), default=0.0)
+        """The delay watched: the longest backlog of a queue in which requests wait (the work
+        ahead of a request queued now, at the queue's measured drain rate), or the moving average
+        of the answers' queue time if longer. A queue in which nothing waits delays nobody: at
+        low load its drain rate is measured on batches of one, whose time swings with the input
+        and a busy machine, and the last one may be stale (only a batch corrects it)."""
+        predicted = max((q.backlog_s() for q in self._queues() if q.queue_depth), default=0.0)
         if not self._answered:
             self._measured_s *= 1 - DELAY_SMOOTHING
         self._answered = False

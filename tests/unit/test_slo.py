@@ -37,8 +37,8 @@ class SyntheticQueue:
         self.work = 0.0
 
     @property
-    def idle(self) -> bool:
-        return self.work == 0
+    def queue_depth(self) -> int:  # requests waiting: some while there is work
+        return int(self.work > 0)
 
     def backlog_s(self) -> float:
         return self.work / self.capacity
@@ -186,9 +186,9 @@ def test_one_slow_answer_on_a_busy_machine_lowers_nobody_a_queue_that_stays_slow
     assert ctl.level > 0.0
 
 
-def test_an_idle_queue_with_a_stale_drain_rate_lowers_nobody() -> None:
+def test_a_queue_where_nothing_waits_lowers_nobody_whatever_its_drain_rate() -> None:
     """A queue whose last batch was slowed (a busy machine) keeps a low drain rate until its next
-    batch: idle, its expected wait says nothing about delay."""
+    batch: with nothing waiting, its backlog says nothing about delay."""
     stale = SyntheticQueue(FULL / 100)  # reports 1 s of wait per FULL of work
     ctl = controller(stale)
     stale.work = FULL
