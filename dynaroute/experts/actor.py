@@ -2,7 +2,9 @@
 
 `ExpertWorker` is a plain class (unit-testable without Ray); `ExpertActor` is the same class
 as a Ray actor. The worker loads the weights from the bundle path on its own node and uses
-CUDA when torch sees a GPU.
+CUDA when torch sees a GPU. It builds the supernet with `Bundle.load`, which finds the family
+by the manifest's name (dynaroute.registry) exactly as the gateway and `dynaroute eval` do: a
+user's family's package must be importable on every node that runs an expert.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ batch, would not be done before its `deadline`. Items of callers that gave up wh
 (deadline, cancellation) are dropped before their batch is sent. `admitted=True` skips the
 size bound for the rows of a request admitted whole at the door (a KServe batch): a request
 is refused or served in full, never in part.
+Fairness: items carry the `flow` (request) they belong to, and a batch takes one item from
+each waiting flow in turn (round robin), so a request of a thousand rows shares the queue
+with the single-row requests that arrive behind it instead of holding them until it is done.
+Items without a flow are flows of one, which keeps plain submissions first in, first out.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -39,6 +43,9 @@ RATE_SMOOTHING = 0.2
 # An item is admitted only if the queue's work ahead of it fits this share of the time left: the
 # rest is for what follows the queue (aggregation, the reply's way back) and the estimate's error.
 ADMISSION_HEADROOM = 0.9
+
+
+_Entry = tuple[T, asyncio.Future, float]  # (item, its caller's future, when it was queued)
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,10 @@ class MicroBatcher(Generic[T, R]):
         self._max_inflight = max_inflight
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
-        self._pending: deque[tuple[T, asyncio.Future, float]] = deque()
+        # Waiting items by flow, flows in turn order (a dict keeps insertion order): the first
+        # flow gives the next item, then goes to the back if it has more.
+        self._flows: dict[Hashable, deque[_Entry[T]]] = {}
+        self._waiting = 0  # items in all flows
         self._inflight = 0
         self._arrivals = 0  # submissions so far; compared across a loop turn to detect idleness
         self._check_scheduled = False
@@ -92,7 +102,7 @@ class MicroBatcher(Generic[T, R]):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return self._waiting
 
     @property
     def inflight(self) -> int:
@@ -101,7 +111,7 @@ class MicroBatcher(Generic[T, R]):
     @property
     def idle(self) -> bool:
         """Nothing waiting and no call running."""
-        return not self._pending and self._inflight == 0
+        return not self._waiting and self._inflight == 0
 
     def _limit(self) -> int:
         m = self._max_inflight
@@ -113,53 +123,57 @@ class MicroBatcher(Generic[T, R]):
         first batch returned."""
         return None if self._rate is None else self._rate * self._limit()
 
-    def expected_wait_s(self) -> float:
+    def expected_wait_s(self, flow: Hashable | None = None) -> float:
         """How long an item queued now would take to be answered: the items ahead of it and its
         own batch, behind the calls running, at the measured drain rate (0 before anything was
-        measured)."""
+        measured). The first item of a flow waits for one item of each flow ahead (round
+        robin); a later one of a flow, for everything waiting (a bound, cheap to compute)."""
         rate = self.drain_rate
         if not rate:
             return 0.0
-        ahead = self._inflight_items + len(self._pending)
-        return (ahead + min(len(self._pending) + 1, self.max_batch_size)) / rate
+        ahead = self._waiting if flow is not None and flow in self._flows else len(self._flows)
+        return (self._inflight_items + ahead + min(self._waiting + 1, self.max_batch_size)) / rate
 
     def backlog_s(self) -> float:
         """How long the work ahead of an item queued now would take at the measured drain rate
-        (`expected_wait_s` without its own batch): the queue's delay (0 before anything was
+        (every item waiting and running; no own batch): the queue's delay (0 before anything was
         measured). Read by the SLO controller."""
         rate = self.drain_rate
-        return (self._inflight_items + len(self._pending)) / rate if rate else 0.0
+        return (self._inflight_items + self._waiting) / rate if rate else 0.0
 
-    def late_by_backlog(self, deadline: float) -> str | None:
+    def late_by_backlog(self, deadline: float, flow: Hashable | None = None) -> str | None:
         """Why an item with this deadline would be refused now (None: admit it). Only work
         ahead of it refuses it: on an idle queue an item runs, and its deadline decides."""
-        if not (self._inflight_items or self._pending):
+        if not (self._inflight_items or self._waiting):
             return None
-        left, wait = deadline - time.monotonic(), self.expected_wait_s()
+        left, wait = deadline - time.monotonic(), self.expected_wait_s(flow)
         if wait <= ADMISSION_HEADROOM * left:
             return None
         return (f"queue {self.name!r} holds {wait * 1e3:.0f} ms of work, more than the "
                 f"{max(left, 0.0) * 1e3:.0f} ms left before the deadline; retry later")
 
-    async def submit(self, item: T, deadline: float | None = None, admitted: bool = False) -> Batched[R]:
+    async def submit(self, item: T, deadline: float | None = None, admitted: bool = False,
+                     flow: Hashable | None = None) -> Batched[R]:
         """Queue one item and wait for its result. `deadline`: time.monotonic() by which the
-        caller needs the answer. Raises OverloadedError when the queue is full (unless
-        `admitted`) or cannot answer before the deadline, UnavailableError after close().
-        Cancelling the caller drops the item if not yet sent."""
+        caller needs the answer; `flow`: the request it belongs to (items of one flow share the
+        queue fairly with other flows; None: a flow of its own). Raises OverloadedError when
+        the queue is full (unless `admitted`) or cannot answer before the deadline,
+        UnavailableError after close(). Cancelling the caller drops the item if not yet sent."""
         if self._closed:
             raise UnavailableError(f"batcher {self.name!r} is closed")
-        if not admitted and len(self._pending) >= self.max_queue_size:
+        if not admitted and self._waiting >= self.max_queue_size:
             raise OverloadedError(
                 f"queue {self.name!r} is full ({self.max_queue_size} waiting); retry later"
             )
-        late = None if deadline is None else self.late_by_backlog(deadline)
+        late = None if deadline is None else self.late_by_backlog(deadline, flow)
         if late is not None:
             raise OverloadedError(late)
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((item, fut, time.perf_counter()))
+        self._flows.setdefault(fut if flow is None else flow, deque()).append((item, fut, time.perf_counter()))
+        self._waiting += 1
         self._arrivals += 1
         self._depth_changed()
-        if len(self._pending) >= self.max_batch_size:
+        if self._waiting >= self.max_batch_size:
             self._flush_if_allowed()
         else:
             self._schedule_check()
@@ -167,7 +181,7 @@ class MicroBatcher(Generic[T, R]):
 
     def _depth_changed(self) -> None:
         if self._on_queue_depth is not None:
-            self._on_queue_depth(len(self._pending))
+            self._on_queue_depth(self._waiting)
 
     def _schedule_check(self) -> None:
         if self._check_scheduled:
@@ -179,9 +193,10 @@ class MicroBatcher(Generic[T, R]):
     def _check(self, arrivals_before: int) -> None:
         """One loop turn after an arrival: send now if idle, else wait for company (bounded)."""
         self._check_scheduled = False
-        if not self._pending:
+        if not self._waiting:
             return
-        waited = time.perf_counter() - self._pending[0][2]
+        # The head of the first flow in turn: the oldest item but for a long flow's later rows.
+        waited = time.perf_counter() - next(iter(self._flows.values()))[0][2]
         if waited >= self.max_wait_s:
             self._flush_if_allowed()
             return
@@ -197,12 +212,12 @@ class MicroBatcher(Generic[T, R]):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._pending:
+        if self._waiting:
             self._flush_if_allowed()
 
     def _flush_if_allowed(self) -> None:
         """Send one batch unless enough calls are in flight (then a returning call sends it)."""
-        while self._pending and self._inflight < self._limit():
+        while self._waiting and self._inflight < self._limit():
             batch = self._take()
             if not batch:
                 return
@@ -212,22 +227,28 @@ class MicroBatcher(Generic[T, R]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # Send a second batch at once only if the queue still holds a full one.
-            if len(self._pending) < self.max_batch_size:
+            if self._waiting < self.max_batch_size:
                 break
-        if self._timer is not None and not self._pending:
+        if self._timer is not None and not self._waiting:
             self._timer.cancel()
             self._timer = None
 
-    def _take(self) -> list[tuple[T, asyncio.Future, float]]:
-        batch: list[tuple[T, asyncio.Future, float]] = []
-        while self._pending and len(batch) < self.max_batch_size:
-            entry = self._pending.popleft()
+    def _take(self) -> list[_Entry[T]]:
+        """The next batch: one item from each flow in turn, until full or nothing waits."""
+        batch: list[_Entry[T]] = []
+        while self._waiting and len(batch) < self.max_batch_size:
+            flow = next(iter(self._flows))
+            entries = self._flows.pop(flow)
+            entry = entries.popleft()
+            self._waiting -= 1
+            if entries:
+                self._flows[flow] = entries  # to the back of the turn
             if not entry[1].done():  # skip callers that gave up (deadline, cancellation)
                 batch.append(entry)
         self._depth_changed()
         return batch
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future, float]]) -> None:
+    async def _run(self, batch: list[_Entry[T]]) -> None:
         start = time.perf_counter()
         try:
             if self._on_batch is not None:
@@ -255,7 +276,7 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self._inflight -= 1
             self._inflight_items -= len(batch)
-            if self._pending and not self._closed:
+            if self._waiting and not self._closed:
                 self._flush_if_allowed()
 
     def _measure(self, n: int, call_s: float) -> None:
@@ -269,10 +290,11 @@ class MicroBatcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        pending, self._pending = self._pending, deque()
-        for _, fut, _ in pending:
-            if not fut.done():
-                fut.set_exception(UnavailableError(f"batcher {self.name!r} was closed"))
+        flows, self._flows, self._waiting = self._flows, {}, 0
+        for entries in flows.values():
+            for _, fut, _ in entries:
+                if not fut.done():
+                    fut.set_exception(UnavailableError(f"batcher {self.name!r} was closed"))
         self._depth_changed()
         for task in list(self._tasks):
             task.cancel()

@@ -18,14 +18,13 @@ floor.
 
 Every `tick_ms` the controller compares the delay of the engine's queues with the objective
 (`SloConfig.objective_ms`, or the tightest deadline among the recent requests that allow
-lowering, whichever is shorter): the delay is the larger of the longest backlog of a
-queue in which requests wait (the work ahead at its measured drain rate,
-`MicroBatcher.backlog_s`) and a moving average of the answers' queue time. At a delay of `lower_at` times the
-objective or more it raises the level, faster the further above; at `restore_at` or less, and
-once nothing was lowered for `hold_s`, it lowers the level by `restore_per_s` per second;
-between the two it holds (hysteresis, so that it does not oscillate). `lower_at` (0.4) is
-below the 0.9 of the time left at which admission control refuses, so budgets are lowered
-before anyone is refused.
+lowering, whichever is shorter): the delay is the larger of the longest backlog of a queue in
+which requests wait (the work ahead at its measured drain rate, `MicroBatcher.backlog_s`) and a
+moving average of the answers' queue time. At a delay of `lower_at` times the objective or more
+it raises the level, faster the further above; at `restore_at` or less, and once nothing was
+lowered for `hold_s`, it lowers the level by `restore_per_s` per second; between the two it
+holds (hysteresis, so that it does not oscillate). `lower_at` (0.4) is below the 0.9 of the time
+left at which admission control refuses, so budgets are lowered before anyone is refused.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ the `InferResult`. Keep these names and fields; add fields only with defaults.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +31,9 @@ class InferRequest:
     # A row of a request admitted whole at the door (`RayEngine.admit`): the queues' size bound
     # does not refuse it, so a batch is served in full or refused in full, never in part.
     admitted: bool = False
+    # The call this row belongs to, for the queues' fairness: the rows of one batch call share a
+    # flow and take turns with other calls (None: the request is a flow of its own).
+    flow: Hashable | None = None
 
 
 @dataclass
@@ -103,3 +107,10 @@ class Engine(Protocol):
         ...
 
     async def infer(self, request: InferRequest) -> InferResult: ...
+
+
+def point_fields(point: OperatingPoint) -> dict[str, Any]:
+    """An operating point (a reply's budget asked or served) as the fields of the native
+    `CalibrationPoint`, which the KServe route JSON uses too."""
+    return {"policy": point.policy, "quality": point.quality, "threshold": point.threshold,
+            "expected_accuracy": point.accuracy, "mean_flops": point.mean_flops, "flops_ratio": point.flops_ratio}

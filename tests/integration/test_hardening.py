@@ -379,3 +379,33 @@ async def test_requests_that_cannot_meet_their_deadline_are_refused_as_overload(
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in seen, seen
         assert seen <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, seen
         assert (await c.infer(text=sentence, timeout_s=60)).outputs.label_name != ""  # still serving
+
+
+async def test_a_big_batch_does_not_hold_back_the_small_requests_that_arrive_behind_it(sst2_server):
+    # Item 4: the rows of one KServe call take turns with other calls in every queue, so single
+    # requests sent while a 600-row batch is being computed are answered before it is done (in
+    # first-in, first-out queues each would wait for all 600 rows).
+    import tritonclient.grpc.aio as triton_aio
+    from tritonclient.grpc import InferInput
+
+    sentences = [f"an honest , {w} little film about the people who make it" for w in ("warm", "dull", "odd") * 200]
+    batch = InferInput("text", [len(sentences)], "BYTES")
+    batch.set_data_from_numpy(np.array([s.encode() for s in sentences], dtype=object))
+    triton = triton_aio.InferenceServerClient(sst2_server.grpc_address)
+    try:
+        async with AsyncClient(sst2_server.grpc_address) as c:
+            info = await c.get_model()
+            big = asyncio.ensure_future(triton.infer(info.name, [batch], parameters={"subnet": info.full_subnet},
+                                                     client_timeout=300))
+            answered_meanwhile = 0
+            for _ in range(200):  # bounded: the batch takes seconds; each small request a batch's turn
+                reply = await c.infer(text="a moving film", subnet=info.full_subnet, timeout_s=60)
+                assert reply.outputs.label_name in info.labels
+                if big.done():
+                    break
+                answered_meanwhile += 1
+            result = await big
+        assert len(result.as_numpy("label")) == len(sentences)
+        assert answered_meanwhile >= 3, answered_meanwhile
+    finally:
+        await triton.close()

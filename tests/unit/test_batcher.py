@@ -216,3 +216,36 @@ async def test_admitted_rows_are_not_refused_by_the_size_bound():
         await b.submit(99)  # a new request still meets the bound
     gate.set()
     assert [r.value for r in await asyncio.gather(first, *rows)] == [2 * i for i in range(11)]
+
+
+async def test_a_long_flow_shares_the_queue_with_requests_that_arrive_behind_it():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    b = make(rec, max_batch_size=4)
+    first = asyncio.ensure_future(b.submit(0))  # holds the one call slot
+    await asyncio.sleep(0.01)
+    big = [asyncio.ensure_future(b.submit(i, flow="big")) for i in range(100, 110)]
+    await asyncio.sleep(0)
+    small = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, *big, *small)
+    # FIFO would send the ten rows first; in turns, the two small requests ride the next batch.
+    assert rec.batches[1] == [100, 1, 2, 101]
+    assert sorted(sum(rec.batches, [])) == sorted([0, 1, 2, *range(100, 110)])
+    assert [r.result().value for r in small] == [2, 4]
+
+
+async def test_the_first_item_of_a_new_flow_is_judged_by_the_flows_ahead_not_every_row():
+    async def slow(items):
+        await asyncio.sleep(0.01 * len(items))
+        return items
+
+    b = make(slow, max_batch_size=1)
+    await b.submit(0)  # measures the drain rate: at most 100 items/s
+    rows = [asyncio.ensure_future(b.submit(i, flow="big", admitted=True)) for i in range(50)]
+    await asyncio.sleep(0)
+    # 0.5 s of rows wait, but they are one flow: a new request waits for one of them, not all.
+    assert b.expected_wait_s() < 0.1 < b.expected_wait_s(flow="big")
+    assert (await b.submit(7, deadline=time.monotonic() + 0.3)).value == 7
+    await asyncio.gather(*rows)
