@@ -7,6 +7,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from dynaroute.config import SloConfig
+
 if TYPE_CHECKING:
     from dynaroute.experts.mlp import MLPConfig
 
@@ -282,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger requests get INVALID_ARGUMENT")
     p.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls to finish")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--slo-ms", type=float, default=None,
+                   help="latency objective: under load, budgets that allow it (a floor) are lowered to hold it "
+                   "(default: only requests' own deadlines)")
+    p.add_argument("--slo-lower-at", type=float, default=SloConfig.lower_at,
+                   help="lower budgets while the queue delay is at least this share of the objective "
+                   "(default: %(default)s)")
+    p.add_argument("--slo-restore-at", type=float, default=SloConfig.restore_at,
+                   help="restore them once it is at most this share (default: %(default)s) ...")
+    p.add_argument("--slo-hold-s", type=float, default=SloConfig.hold_s,
+                   help="... and nothing was lowered for this long (default: %(default)s)")
     p.add_argument("--ready-timeout-s", type=float, default=120.0,
                    help="how long to wait for a node that can hold the placement (on a joined cluster), then "
                    "for the expert actors to load")
@@ -308,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--subnet", help="pin one subnet by name, no routing (default: routed)")
     p.add_argument("--policy", default=None,
                    help="a calibrated policy: threshold, cascade, topk, static or auto (default: the bundle's)")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--min-quality", type=float, default=None,
+                   help="the server may lower the budget to this quality under load (default: never lowered)")
+    f.add_argument("--min-accuracy", type=float, default=None,
+                   help="the server may lower the budget to this expected accuracy under load (default: never "
+                   "lowered)")
     p.add_argument("--json", action="store_true", help="print the reply as JSON, 64-bit integers as numbers")
     p.set_defaults(func=_infer)
 
