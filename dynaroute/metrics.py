@@ -75,6 +75,26 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("dynaroute_queue_depth", "Requests waiting in a batch queue", ["model", "expert"])
 REPLICAS_LIVE = Gauge("dynaroute_expert_replicas_live", "Expert replicas able to take calls", ["model", "expert"])
 INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["model"])
+# The SLO controller (dynaroute/gateway/slo.py).
+BUDGET_LOWERED = Counter(
+    "dynaroute_budget_lowered", "Requests (rows) served at a cheaper operating point than their budget asked", ["model"]
+)
+BUDGET_FLOPS_RATIO = Histogram(
+    "dynaroute_budget_flops_ratio",
+    "Expected FLOPs of the operating point served over those of the point asked (1: as asked)",
+    ["model"],
+    buckets=_RATIO_BUCKETS,
+)
+SLO_LEVEL = Gauge(
+    "dynaroute_slo_level", "SLO controller level: 0 budgets as asked, 1 every budget that allows it at its floor",
+    ["model"],
+)
+SLO_PRESSURE = Gauge(
+    "dynaroute_slo_pressure_ratio", "Queue delay the SLO controller watches over the latency objective", ["model"]
+)
+SLO_OBJECTIVE = Gauge(
+    "dynaroute_slo_objective_seconds", "Latency objective the SLO controller holds (0: none)", ["model"]
+)
 
 # The label values known in advance, whose children the engine creates at start (zero) so that
 # rate() and increase() see the first request, error or fallback rather than a series that
@@ -176,9 +196,12 @@ class ModelMetrics:
 
 # The gauges that describe a served model's present (not its history, which the counters keep),
 # with their label names in declaration order.
-MODEL_GAUGES = ((REPLICAS_LIVE, ("model", "expert")), (QUEUE_DEPTH, ("model", "expert")), (INFLIGHT, ("model",)))
-# Those an engine sets rather than adds to: an engine that replaces another of the same model
-# shares their series, which the old engine's close sets to zero.
+# The SLO controller's gauges are among them: its engine's close stops it, and a level left at
+# the floor would fire DynarouteSloAtFloor for a model not served.
+MODEL_GAUGES = ((REPLICAS_LIVE, ("model", "expert")), (QUEUE_DEPTH, ("model", "expert")), (INFLIGHT, ("model",)),
+                (SLO_LEVEL, ("model",)), (SLO_PRESSURE, ("model",)), (SLO_OBJECTIVE, ("model",)))
+# Those an engine sets rather than adds to and its close sets to zero: an engine that replaces
+# another of the same model shares their series. (The SLO controller's are set on every tick.)
 SET_GAUGES = MODEL_GAUGES[:2]
 
 GaugeValues = list[tuple[Gauge, tuple[str, ...], float]]
@@ -208,7 +231,7 @@ def restore_gauge_values(values: GaugeValues) -> None:
 def forget_model_gauges(model: str) -> None:
     """Remove `model`'s gauge series, once it is no longer served (unloaded): a series left at
     its last value would claim replicas, queues or requests for a model that has none, and a
-    replicas gauge left at 0 would fire the DynarouteExpertDown alert for good."""
+    replicas gauge left at 0 (or an SLO level at the floor) would fire its alert for good."""
     for gauge, labels, _ in _series(MODEL_GAUGES, model):
         with contextlib.suppress(KeyError):  # removed meanwhile
             gauge.remove(*labels)

@@ -26,6 +26,7 @@ class StandInEngine:
         self.model_name = json.loads((path / "manifest.json").read_text())["name"]
         self.events: list[str] = []
         metrics.REPLICAS_LIVE.labels(self.model_name, "expert-0").set(2)
+        metrics.SLO_LEVEL.labels(self.model_name).set(1)  # its SLO controller at the floor
 
     @property
     def ready(self) -> bool:
@@ -143,6 +144,7 @@ async def test_unload_refuses_new_requests_finishes_held_ones_then_closes(repo_d
     assert {r.name: (r.state, r.reason) for r in models.index()}["alpha"] == (ModelState.UNAVAILABLE, "unloaded")
     assert [r.name for r in models.index(ready_only=True)] == ["beta"]
     assert gauge("alpha") == {}  # an unloaded model's gauges are gone, not left claiming (or alerting on) replicas
+    assert REGISTRY.get_sample_value("dynaroute_slo_level", {"model": "alpha"}) is None  # nor its SLO level
     await models.load("alpha")
     with models.use("alpha") as m:
         assert m.engine is started[2]
