@@ -34,6 +34,19 @@ def digits_paths_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_exported_dir(digits_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the digits bundle exported for both ONNX Runtime backends (onnx, then int8: the
+    bundle's default backend is int8)."""
+    from dynaroute.export import export_bundle
+
+    root = tmp_path_factory.mktemp("exported") / "digits"
+    shutil.copytree(digits_bundle_dir, root)
+    for backend in ("onnx", "int8"):
+        export_bundle(root, backend, latency_repeats=3)
+    return root
+
+
+@pytest.fixture(scope="session")
 def digits_server(digits_bundle_dir: Path):
     """`dynaroute serve` on the digits bundle (subprocess, local Ray, free ports), shared by the
     integration and e2e tests of the API; stopped with SIGTERM at the end of the session."""

@@ -259,7 +259,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     )
     placement = PlacementConfig.from_file(args.placement) if args.placement else None
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
-                          ready_timeout_s=args.ready_timeout_s, max_queue_size=args.max_queue_size)
+                          ready_timeout_s=args.ready_timeout_s, max_queue_size=args.max_queue_size,
+                          backend=getattr(args, "backend", None))
     return server, engine
 
 
@@ -277,6 +278,11 @@ def main_serve(args: argparse.Namespace) -> int:
         bundle = Bundle.load(args.bundle)
         if engine_config.placement is not None:
             engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+        # Every backend an actor will use, with its graphs' checksums, before Ray starts.
+        default = engine_config.backend or bundle.default_backend
+        actors = engine_config.placement.actors if engine_config.placement else ()
+        for backend in sorted({default, *(a.backend for a in actors if a.backend)}):
+            bundle.check_backend(backend)
     except (BundleError, ValueError) as e:
         print(f"dynaroute serve: {e}", file=sys.stderr)
         return 2
