@@ -135,7 +135,7 @@ def _export_one(part: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[st
             buf = io.BytesIO()
             torch.onnx.export(part, args, buf, dynamo=False, input_names=inputs, output_names=outputs,
                               dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
-            return buf.getvalue()
+            return canonical(buf.getvalue())
         dims = {}
         shapes = []
         for name in inputs:
@@ -146,6 +146,34 @@ def _export_one(part: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[st
         program = torch.onnx.export(part, args, None, dynamo=True, input_names=inputs, output_names=outputs,
                                     dynamic_shapes=tuple(shapes), opset_version=max(OPSET, 18), verbose=False)
         return program.model_proto.SerializeToString()
+
+
+def canonical(blob: bytes) -> bytes:
+    """The graph with its internal names (tensors, nodes) renumbered in order of appearance.
+    The exporter numbers constants by their place in the whole module (`onnx::Add_85`), so the
+    same embedding exported from two subnets of different depth differs only by names; renamed,
+    equal graphs are equal bytes and are stored once."""
+    import onnx
+
+    model = onnx.load_from_string(blob)
+    g = model.graph
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    names: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for t in g.initializer:
+        t.name = rename(t.name)
+    for k, node in enumerate(g.node):
+        node.name = f"n{k}"
+        node.input[:] = [rename(x) for x in node.input]
+        node.output[:] = [rename(x) for x in node.output]
+    for v in g.value_info:
+        v.name = rename(v.name)
+    return model.SerializeToString()
 
 
 def quantize_int8(fp32: bytes) -> bytes:
