@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/python -m dynaroute demo
 
 test: install prometheus
-	$(BIN)/ruff check dynaroute tests benchmarks
+	$(BIN)/ruff check dynaroute tests benchmarks examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 proto: install

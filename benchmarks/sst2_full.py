@@ -26,7 +26,7 @@ from dynaroute.experts.bert import BertConfig
 from dynaroute.router.budget import Budget
 from dynaroute.router.calibration import CalibrationTable, measure
 from dynaroute.router.fit import router_scores
-from dynaroute.router.model import build_router
+from dynaroute.router.model import ROUTER_FAMILIES
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
 from dynaroute.text import TextEncoder
@@ -71,7 +71,7 @@ def dynamic_report(bundle: Bundle, run_dir: Path, data: Path) -> dict[str, Any]:
     rows = bundle.subnet_infos
     outputs = SubnetOutputs(probs, rows)
     info = bundle.manifest["router"]
-    router = build_router(info["family"], info["config"])
+    router = ROUTER_FAMILIES.build(info["family"], info["config"])
     router.load_state_dict(load_file(str(bundle.root / info["weights"])))
     scores = router_scores(router, TextEncoder.from_bundle(bundle).encode(texts))
     table = CalibrationTable.from_dict(bundle.manifest["calibration"])

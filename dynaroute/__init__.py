@@ -8,9 +8,13 @@ client process does not load torch or Ray, and a CLI call loads only what its su
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("dynaroute")  # pyproject.toml's, as installed
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {

@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from dynaroute.codec import InputCodec, InputSpec, codec_for
 from dynaroute.errors import BundleError
 from dynaroute.experts.backends import BACKENDS, DEFAULT_BACKEND, sha256
-from dynaroute.experts.base import DynamicModel, StagedModule
-from dynaroute.experts.registry import build_model
+from dynaroute.experts.base import SUPERNET_FAMILIES, DynamicModel, StagedModule
 from dynaroute.experts.spec import SubnetSpec
 
 SCHEMA_VERSION = 1
@@ -103,6 +103,12 @@ class Bundle:
         for key in ("name", "task", "input", "supernet", "subnets"):
             if key not in manifest:
                 raise BundleError(f"{path}: missing required key {key!r}")
+        if not isinstance(manifest["input"], dict):
+            raise BundleError(f"{path}: 'input' must be an object (the input spec)")
+        try:
+            InputSpec.from_dict(manifest["input"])
+        except BundleError as e:
+            raise BundleError(f"{path}: {e}") from e
         bundle = cls(root, manifest)
         for rel in bundle.files():
             if not (root / rel).is_file():
@@ -117,8 +123,7 @@ class Bundle:
         out = [m["supernet"]["weights"]]
         if "router" in m:
             out.append(m["router"]["weights"])
-        if m["input"].get("kind") == "text":
-            out.append(m["input"]["tokenizer"])
+        out.extend(self.input_spec.files())
         for entry in m.get("backends", {}).values():  # exported graphs (dynaroute export)
             out.extend(entry.get("files", {}))
         return out
@@ -187,6 +192,15 @@ class Bundle:
         return None if value is None else float(value)
 
     @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.manifest["input"])
+
+    def codec(self) -> InputCodec:
+        """The codec of the bundle's input (its tokenizer or feature statistics loaded): what the
+        gateway, evaluation and training encode examples with."""
+        return codec_for(self.input_spec, self.root)
+
+    @property
     def name(self) -> str:
         return self.manifest["name"]
 
@@ -214,10 +228,10 @@ class Bundle:
 
     def _build_supernet(self) -> DynamicModel:
         s = self.manifest["supernet"]
-        try:
-            return build_model(s["family"], s["config"])
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"{MANIFEST}: bad supernet config for family {s.get('family')!r}: {e}") from e
+        try:  # the family by name (dynaroute.registry): the same lookup in the gateway, eval and every actor
+            return SUPERNET_FAMILIES.build(s["family"], s["config"])
+        except BundleError as e:  # an unknown family (and how families are found), or a config it refuses
+            raise BundleError(f"{self.root / MANIFEST}: {e}") from e
 
     def supernet(self) -> DynamicModel:
         """A new supernet with the bundle's weights (each call returns its own)."""

@@ -1,4 +1,4 @@
-"""Python clients for the native `dynaroute.v1` API, blocking and asyncio, and `dynaroute infer`.
+"""Python clients for the native `dynaroute.v1` API, blocking and asyncio.
 
     with Client("127.0.0.1:50051") as c:
         reply = c.infer(x, quality=0.5)  # x: one example as a numpy array
@@ -10,18 +10,11 @@ InferStreamReply, ModelInfo). Errors raise grpc.RpcError with the server's statu
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 
 from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute._proto import dynaroute_pb2_grpc as pb_grpc
@@ -31,21 +24,14 @@ _MAX_MESSAGE = 64 * 1024 * 1024  # the server enforces its own, smaller limit
 _OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
 
 
-def make_request(
-    tensor: np.ndarray | None = None,
-    *,
-    text: str | None = None,
-    model: str = "",
-    id: str = "",
+def make_budget(
     quality: float | None = None,
     max_flops: float | None = None,
     target_accuracy: float | None = None,
     subnet: str | None = None,
     policy: str | None = None,
-) -> pb.InferRequest:
-    """One native request: a tensor (one example) or a text, and at most one budget target."""
-    if (tensor is None) == (text is None):
-        raise ValueError("give exactly one of tensor and text")
+) -> pb.Budget:
+    """The wire budget: at most one target (none: the server's default) and an optional policy."""
     targets = {"quality": quality, "max_flops": max_flops, "target_accuracy": target_accuracy, "subnet": subnet}
     chosen = {k: v for k, v in targets.items() if v is not None}
     if len(chosen) > 1:
@@ -53,14 +39,53 @@ def make_request(
     budget = pb.Budget(**chosen)
     if policy is not None:
         budget.policy = policy
-    req = pb.InferRequest(model=model, id=id, budget=budget)
+    return budget
+
+
+def encode_tensor(tensor: np.ndarray) -> pb.Tensor:
+    a = np.asarray(tensor)
+    # Little-endian on the wire whatever the host order; the dtype keeps its numpy name.
+    data = a.astype(a.dtype.newbyteorder("<")).tobytes()
+    return pb.Tensor(dtype=a.dtype.name, shape=list(a.shape), data=data)
+
+
+def make_request(
+    tensor: np.ndarray | None = None,
+    *,
+    text: str | None = None,
+    model: str = "",
+    id: str = "",
+    **budget: float | str | None,
+) -> pb.InferRequest:
+    """One native request: a tensor (one example) or a text, and at most one budget target
+    (quality, max_flops, target_accuracy, subnet; and policy), as `make_budget`."""
+    if (tensor is None) == (text is None):
+        raise ValueError("give exactly one of tensor and text")
+    req = pb.InferRequest(model=model, id=id, budget=make_budget(**budget))
     if text is not None:
         req.text = text
     else:
-        a = np.asarray(tensor)
-        # Little-endian on the wire whatever the host order; the dtype keeps its numpy name.
-        data = a.astype(a.dtype.newbyteorder("<")).tobytes()
-        req.tensor.CopyFrom(pb.Tensor(dtype=a.dtype.name, shape=list(a.shape), data=data))
+        req.tensor.CopyFrom(encode_tensor(tensor))
+    return req
+
+
+def make_batch_request(
+    tensor: np.ndarray | None = None,
+    *,
+    texts: Sequence[str] | None = None,
+    model: str = "",
+    id: str = "",
+    **budget: float | str | None,
+) -> pb.InferBatchRequest:
+    """One native batch: a tensor of N examples (shape [N, ...one example's shape]) or N texts,
+    with one budget for every row (as `make_budget`)."""
+    if (tensor is None) == (texts is None):
+        raise ValueError("give exactly one of tensor and texts")
+    req = pb.InferBatchRequest(model=model, id=id, budget=make_budget(**budget))
+    if texts is not None:
+        req.texts.extend(texts)
+    else:
+        req.tensor.CopyFrom(encode_tensor(tensor))
     return req
 
 
@@ -115,6 +140,15 @@ class Client(_ClientBase):
         request = make_request(tensor, **kwargs)
         return self.stub.Infer(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
 
+    def infer_batch(
+        self, tensor: np.ndarray | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> pb.InferBatchReply:
+        """N examples in one call (a tensor [N, ...] or texts=[...]; kwargs as
+        `make_batch_request`). Admitted whole or refused whole (grpc.RpcError); then
+        `reply.rows[i]` holds row i's reply or its error."""
+        request = make_batch_request(tensor, **kwargs)
+        return self.stub.InferBatch(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+
     def infer_stream(
         self, requests: Iterable[pb.InferRequest], *, timeout_s: float | None = None
     ) -> Iterator[pb.InferStreamReply]:
@@ -151,6 +185,13 @@ class AsyncClient(_ClientBase):
             make_request(tensor, **kwargs), timeout=timeout_s or self.timeout_s, metadata=self._metadata
         )
 
+    async def infer_batch(
+        self, tensor: np.ndarray | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> pb.InferBatchReply:
+        return await self.stub.InferBatch(
+            make_batch_request(tensor, **kwargs), timeout=timeout_s or self.timeout_s, metadata=self._metadata
+        )
+
     async def infer_stream(
         self, requests: Iterable[pb.InferRequest] | AsyncIterable[pb.InferRequest], *, timeout_s: float | None = None
     ) -> AsyncIterator[pb.InferStreamReply]:
@@ -174,99 +215,3 @@ class AsyncClient(_ClientBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-# -- dynaroute infer ---------------------------------------------------------------------------
-
-
-def load_tensor(path: str, dtype: str | None) -> np.ndarray:
-    """One example from a .npy file (kept as stored) or a .json nested list (cast to `dtype`,
-    the model's input dtype, since JSON numbers carry none)."""
-    p = Path(path)
-    if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False)
-    if p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--tensor {path}: not JSON ({e})") from None
-        # A bare number or a nested list of numbers; numpy would make an object array of a
-        # dict or of ragged lists, or raise TypeError deep inside.
-        if not isinstance(data, list | int | float) or isinstance(data, bool):
-            kind = {dict: "an object", str: "a string", bool: "true or false"}.get(type(data), "null")
-            raise ValueError(f"--tensor {path}: expected a JSON array of numbers (one example), got {kind}")
-        try:
-            return np.asarray(data, dtype=dtype)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--tensor {path}: expected a JSON array of numbers (nested lists of one shape), "
-                             f"which this is not ({e})") from None
-    raise ValueError(f"--tensor: {path!r} must end in .npy or .json")
-
-
-def reply_as_json(message: Message) -> dict[str, Any]:
-    """A reply as a JSON-ready dict, 64-bit integers as numbers. Proto3's JSON mapping writes
-    int64 as strings (JavaScript's numbers are doubles); a script reading `infer --json`
-    expects numbers, and Python's json reads any integer exactly."""
-    out = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    _int64_as_numbers(message.DESCRIPTOR, out)
-    return out
-
-
-_INT64 = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
-
-
-def _int64_as_numbers(descriptor: Descriptor, d: dict[str, Any]) -> None:
-    for f in descriptor.fields:
-        if f.name not in d:
-            continue
-        repeated = isinstance(d[f.name], list)
-        values = d[f.name] if repeated else [d[f.name]]
-        if f.message_type is not None and not f.message_type.GetOptions().map_entry:
-            for v in values:
-                _int64_as_numbers(f.message_type, v)
-        elif f.cpp_type in _INT64:
-            d[f.name] = [int(v) for v in values] if repeated else int(values[0])
-
-
-def format_reply(reply: pb.InferReply) -> str:
-    o, r, c = reply.outputs, reply.route, reply.cost
-    route = ", ".join(f"{s} (weight {w:.2f})" for s, w in zip(r.subnets, r.weights, strict=False))
-    lines = [
-        f"label: {o.label} ({o.label_name})  confidence {o.confidence:.3f}",
-        f"route: {route}  policy={r.policy or '-'}  escalations={r.escalations}  "
-        f"exit depths={list(r.exit_depths)}" + (f"  fallbacks={list(r.fallbacks)}" if r.fallbacks else ""),
-        f"cost:  {c.total_flops:,} FLOPs = {c.flops_ratio:.1%} of the full model's {c.full_flops:,} "
-        f"(router {c.router_flops:,} + experts {c.expert_flops:,})",
-        f"time:  queue {c.queue_seconds * 1e3:.2f} ms  compute {c.compute_seconds * 1e3:.2f} ms  "
-        f"total {c.total_seconds * 1e3:.2f} ms",
-    ]
-    return "\n".join(lines)
-
-
-def main_infer(args: argparse.Namespace) -> int:
-    """`dynaroute infer`: send one input, print label, route and cost (or --json)."""
-    try:
-        tls = {"ca": args.ca, "cert": args.cert, "key": args.key, "token": args.token}
-        with Client(args.address, timeout_s=args.timeout_s, **tls) as client:
-            kwargs: dict[str, Any] = {
-                "model": args.model or "", "quality": args.quality, "max_flops": args.max_flops,
-                "target_accuracy": args.target_accuracy, "subnet": args.subnet, "policy": args.policy,
-            }
-            if args.tensor:
-                # JSON numbers carry no dtype: use the model's input dtype.
-                dtype = client.get_model(args.model or "").input.dtype if args.tensor.endswith(".json") else None
-                reply = client.infer(load_tensor(args.tensor, dtype), **kwargs)
-            else:
-                text = args.text if args.text is not None else Path(args.text_file).read_text().strip()
-                reply = client.infer(text=text, **kwargs)
-    except grpc.RpcError as e:
-        print(f"dynaroute infer: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"dynaroute infer: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(reply_as_json(reply)))
-    else:
-        print(format_reply(reply))
-    return 0

@@ -181,6 +181,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port (printed on the ready line)
+    http_port: int | None = None  # KServe v2 over HTTP/REST on `host`: None: off; 0: pick a free port
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464  # 0: pick a free port
     max_message_bytes: int = 4 * 1024 * 1024  # larger requests get INVALID_ARGUMENT
@@ -192,9 +193,11 @@ class ServerConfig:
     auth_token_file: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             v = getattr(self, name)
-            if not 0 <= v <= 65535:
+            if v is None and name == "http_port":
+                continue
+            if not isinstance(v, int) or not 0 <= v <= 65535:
                 raise ValueError(f"ServerConfig.{name} must be in [0, 65535], got {v}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"ServerConfig.max_message_bytes must be at least 1024, got {self.max_message_bytes}")

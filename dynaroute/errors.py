@@ -11,6 +11,10 @@ class InvalidInputError(DynarouteError, ValueError):
     """A request field is malformed (dtype, shape, NaN, size, budget). -> INVALID_ARGUMENT"""
 
 
+class TooLargeError(InvalidInputError):
+    """A request is larger than the server's limit. -> INVALID_ARGUMENT (HTTP 413)"""
+
+
 class ModelNotFoundError(DynarouteError, LookupError):
     """The request names a model this server does not serve. -> NOT_FOUND"""
 

@@ -71,6 +71,8 @@ def batch_size_of(x: Any) -> int:
 def made_inputs(bundle: Bundle, n: int, seed: int = 0) -> Any:
     """`n` inputs built from the bundle's input spec, for bundles whose data is not at hand."""
     spec = bundle.manifest["input"]
+    if spec.get("kind") not in ("text", "tensor"):
+        raise BundleError(f"exporting a bundle of {spec.get('kind')!r} input needs its evaluation data; pass --data")
     if spec.get("kind") == "text":
         from dynaroute.text import TextEncoder
 
@@ -155,12 +157,14 @@ def export_bundle(
     if backend_name == "int8" and data is None:
         raise BundleError(f"int8 export re-measures every subnet's accuracy and needs bundle {bundle.name!r}'s "
                           "evaluation data; pass --data PATH (as for `dynaroute eval`)")
-    check_x = rows_of(data["val"][0], torch.arange(min(16, batch_size_of(data["val"][0])))) if data else \
-        made_inputs(bundle, 16)
+    # Real rows where the data can be read (the validation split), else inputs made from the spec.
+    pool = data["val"][0] if data else made_inputs(bundle, max(LATENCY_BATCHES))
+    n = batch_size_of(pool)
+    check_x = rows_of(pool, torch.arange(min(16, n)))
     example, other = rows_of(check_x, torch.arange(1)), rows_of(check_x, torch.arange(1, 4))
     if isinstance(check_x, tuple) and example[0].shape[1] == other[0].shape[1]:  # lengths must differ
         other = made_inputs(bundle, 3)
-    timing = {b: made_inputs(bundle, b, seed=b) for b in LATENCY_BATCHES}
+    timing = {b: rows_of(pool, torch.arange(b) % n) for b in LATENCY_BATCHES}
 
     final = bundle.root / "backends" / backend_name
     staging = bundle.root / "backends" / f".{backend_name}.tmp"

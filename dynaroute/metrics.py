@@ -6,7 +6,7 @@ CONTRACT (shared with the gRPC layer): the names and label sets below. Who recor
 The engine records everything for each row that reaches `RayEngine.infer`, including both
 counters (`dynaroute_requests_total` only when `InferRequest.count_request`: the KServe
 servicer counts its calls itself); the servicers count in `dynaroute_requests_total`, via
-`record_request`, the requests they refuse before calling the engine (a wire problem).
+`record_refused`, the requests they refuse before calling the engine (a wire problem).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from dynaroute.gateway.status import STATUS_CODES, status_label
@@ -77,7 +78,7 @@ INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["
 # The label values known in advance, whose children the engine creates at start (zero) so that
 # rate() and increase() see the first request, error or fallback rather than a series that
 # appears already at 1.
-APIS = ("native", "kserve")
+APIS = ("native", "kserve", "kserve_http")
 STATUSES = ("ok", *(status_label(code) for _, code in STATUS_CODES), "internal")
 FALLBACK_REASONS = ("expert_unavailable", "expert_error")
 
@@ -93,6 +94,12 @@ def status_of(error: BaseException | None) -> str:
         if isinstance(error, cls):
             return status_label(code)
     return "internal"
+
+
+def record_refused(model: str, api: str, code: grpc.StatusCode) -> None:
+    """Count a request the servicers refused before the engine saw it (a wire problem), with the
+    status code it was answered with; the engine counts the requests it handles."""
+    record_request(model, api, status_label(code))
 
 
 def record_request(model: str, api: str, status: str) -> None:

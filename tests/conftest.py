@@ -48,11 +48,12 @@ def digits_exported_dir(digits_bundle_dir: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="session")
 def digits_server(digits_bundle_dir: Path):
-    """`dynaroute serve` on the digits bundle (subprocess, local Ray, free ports), shared by the
-    integration and e2e tests of the API; stopped with SIGTERM at the end of the session."""
+    """`dynaroute serve` on the digits bundle (subprocess, local Ray, free ports, the HTTP/REST
+    port on), shared by the integration and e2e tests of the API; stopped with SIGTERM at the
+    end of the session."""
     from tests.serving import ServerProcess
 
-    server = ServerProcess.start(digits_bundle_dir, "--max-message-bytes", str(1 << 20))
+    server = ServerProcess.start(digits_bundle_dir, "--max-message-bytes", str(1 << 20), "--http-port", "0")
     yield server
     server.stop()
 
@@ -97,9 +98,10 @@ def sst2_tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sst2_server(sst2_tiny_bundle_dir: Path):
-    """`dynaroute serve` on the tiny SST-2 bundle (subprocess, local Ray, free ports)."""
+    """`dynaroute serve` on the tiny SST-2 bundle (subprocess, local Ray, free ports, the
+    HTTP/REST port on)."""
     from tests.serving import ServerProcess
 
-    server = ServerProcess.start(sst2_tiny_bundle_dir)
+    server = ServerProcess.start(sst2_tiny_bundle_dir, "--http-port", "0")
     yield server
     server.stop()

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)")
-STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)")
+READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)(?: http=(\S+))?")
+STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)(?: http=(\S+))?")
 
 
 @dataclass
@@ -24,6 +24,7 @@ class ServerProcess:
     model: str = ""
     grpc_address: str = ""
     metrics_address: str = ""
+    http_address: str = ""  # with --http-port
     starting_address: str = ""
     lines: list[str] = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)  # gRPC port open, engine starting
@@ -46,9 +47,11 @@ class ServerProcess:
                 server.lines.append(line.rstrip("\n"))
                 if m := STARTING.search(line):
                     server.starting_address = m.group(1)
+                    server.http_address = m.group(2) or ""
                     server.started.set()
                 if m := READY.search(line):
-                    server.model, server.grpc_address, server.metrics_address = m.groups()
+                    server.model, server.grpc_address, server.metrics_address, http = m.groups()
+                    server.http_address = http or ""
                     server.ready.set()
 
         threading.Thread(target=read, daemon=True).start()

@@ -44,6 +44,38 @@ class InferRequest(_message.Message):
     budget: Budget
     def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., text: _Optional[str] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
+class InferBatchRequest(_message.Message):
+    __slots__ = ("model", "id", "tensor", "texts", "budget")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    id: str
+    tensor: Tensor
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    budget: Budget
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class InferBatchRow(_message.Message):
+    __slots__ = ("reply", "error")
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reply: InferReply
+    error: Error
+    def __init__(self, reply: _Optional[_Union[InferReply, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class InferBatchReply(_message.Message):
+    __slots__ = ("id", "model", "rows")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    rows: _containers.RepeatedCompositeFieldContainer[InferBatchRow]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[InferBatchRow, _Mapping]]] = ...) -> None: ...
+
 class Outputs(_message.Message):
     __slots__ = ("logits", "label", "label_name", "confidence")
     LOGITS_FIELD_NUMBER: _ClassVar[int]

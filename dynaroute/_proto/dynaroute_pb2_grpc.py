@@ -39,6 +39,11 @@ class DynarouteStub:
                 request_serializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferRequest.SerializeToString,
                 response_deserializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferReply.FromString,
                 _registered_method=True)
+        self.InferBatch = channel.unary_unary(
+                '/dynaroute.v1.Dynaroute/InferBatch',
+                request_serializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferBatchRequest.SerializeToString,
+                response_deserializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferBatchReply.FromString,
+                _registered_method=True)
         self.InferStream = channel.stream_stream(
                 '/dynaroute.v1.Dynaroute/InferStream',
                 request_serializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferRequest.SerializeToString,
@@ -61,6 +66,15 @@ class DynarouteServicer:
 
     def Infer(self, request, context):
         """One input, one answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferBatch(self, request, context):
+        """N inputs in one call: a tensor of shape [N, ...one example's shape], or N texts. The batch
+        is admitted whole or refused whole; once admitted, each row answers for itself (a reply or
+        an error), in the order sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +109,11 @@ def add_DynarouteServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferRequest.FromString,
                     response_serializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferReply.SerializeToString,
+            ),
+            'InferBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferBatch,
+                    request_deserializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferBatchRequest.FromString,
+                    response_serializer=dynaroute_dot_v1_dot_dynaroute__pb2.InferBatchReply.SerializeToString,
             ),
             'InferStream': grpc.stream_stream_rpc_method_handler(
                     servicer.InferStream,
@@ -139,6 +158,33 @@ class Dynaroute:
             '/dynaroute.v1.Dynaroute/Infer',
             dynaroute_dot_v1_dot_dynaroute__pb2.InferRequest.SerializeToString,
             dynaroute_dot_v1_dot_dynaroute__pb2.InferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dynaroute.v1.Dynaroute/InferBatch',
+            dynaroute_dot_v1_dot_dynaroute__pb2.InferBatchRequest.SerializeToString,
+            dynaroute_dot_v1_dot_dynaroute__pb2.InferBatchReply.FromString,
             options,
             channel_credentials,
             insecure,

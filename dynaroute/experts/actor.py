@@ -1,10 +1,13 @@
 """The expert: holds extracted subnets and runs batches of them with batched early exit.
 
 `ExpertWorker` is a plain class (unit-testable without Ray); `ExpertActor` is the same class
-as a Ray actor. The worker loads the weights from the bundle path on its own node and runs its
-subnets on a backend (dynaroute/experts/backends.py: torch eager, on CUDA when torch sees a GPU;
-or ONNX Runtime graphs exported into the bundle); every backend offers the same staged interface,
-so batched early exit is the same loop on each.
+as a Ray actor. The worker loads the weights from the bundle path on its own node and runs
+its subnets on a backend (dynaroute/experts/backends.py: torch eager, on CUDA when torch sees a
+GPU; or ONNX Runtime graphs exported into the bundle); every backend offers the same staged
+interface, so batched early exit is the same loop on each. It builds the supernet with
+`Bundle.load`, which finds the family by the manifest's name (dynaroute.registry) exactly as the
+gateway and `dynaroute eval` do: a user's family's package must be importable on every node that
+runs an expert.
 """
 
 from __future__ import annotations

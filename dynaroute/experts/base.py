@@ -8,12 +8,13 @@ weights that can also be run block by block, which is what batched early exit ne
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dynaroute.experts.spec import SubnetSpec
+from dynaroute.registry import FamilyName, Registry
 
 # The state carried between stages: batch-first tensors, so that compacting a batch (samples
 # leaving at an early exit) is `tuple(t[keep] for t in state)`.
@@ -60,9 +61,20 @@ def select_rows(state: State, keep: torch.Tensor) -> State:
 
 
 class DynamicModel(nn.Module, ABC):
-    """A supernet: one set of weights, many subnets."""
+    """A supernet: one set of weights, many subnets.
+
+    A family is a subclass driven by one config dataclass (`config_class`, with `from_dict`
+    and `to_dict`); the manifest records `family` (the class's import path) and the config's
+    dict, and `SUPERNET_FAMILIES.build(family, config)` builds it again in any process."""
 
     config: Any
+    config_class: ClassVar[type]
+    family: ClassVar[str] = FamilyName()  # type: ignore[assignment]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DynamicModel:
+        """An untrained supernet from its manifest config (override for another config form)."""
+        return cls(cls.config_class.from_dict(config))
 
     @abstractmethod
     def subnets(self) -> list[SubnetSpec]:
@@ -98,3 +110,11 @@ class DynamicModel(nn.Module, ABC):
     @property
     def num_paths(self) -> int:
         return 1 + max(s.path for s in self.subnets())
+
+
+# Supernet families by name. The short names are those that manifests written before families
+# were recorded by import path carry.
+SUPERNET_FAMILIES: Registry[DynamicModel] = Registry("supernet family", DynamicModel, {
+    "slimmable_mlp": "dynaroute.experts.mlp:SlimmableMLP",
+    "dynabert": "dynaroute.experts.bert:DynaBert",
+})

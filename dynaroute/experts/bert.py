@@ -30,7 +30,6 @@ from safetensors import safe_open
 from torch import nn
 
 from dynaroute.experts.base import DynamicModel, StagedModule, State
-from dynaroute.experts.registry import register_family
 from dynaroute.experts.spec import SubnetSpec
 
 TextInput = tuple[torch.Tensor, torch.Tensor]  # (token ids int64 [N, L], attention mask int64 [N, L])
@@ -253,7 +252,7 @@ def _check_input(x: Any) -> TextInput:
 # --- the supernet ------------------------------------------------------------------------------
 
 class DynaBert(DynamicModel):
-    family = "dynabert"
+    config_class = BertConfig
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -448,8 +447,3 @@ class ExtractedBert(StagedModule):
         h, mask = state
         return self.exits[index](h, mask)
 
-
-register_family(DynaBert.family, BertConfig.from_dict, DynaBert)
-
-# The text router's family registers itself on import; bundles of this family need it.
-import dynaroute.router.text  # noqa: E402, F401

@@ -70,7 +70,7 @@ class _Branch(nn.Module):
 
 
 class SlimmableMLP(DynamicModel):
-    family = "slimmable_mlp"
+    config_class = MLPConfig
 
     def __init__(self, config: MLPConfig):
         super().__init__()

@@ -42,20 +42,6 @@ ExpertItem = tuple[str, Any, float, int]
 ExpertRowResult = tuple[np.ndarray, int, int]
 
 
-def stack_rows(rows: Sequence[Any]) -> Any:
-    """Stack one-example inputs into a batch; text rows are (ids, mask) pairs padded to one length."""
-    if isinstance(rows[0], tuple):
-        width = max(r[0].shape[-1] for r in rows)
-        parts = []
-        for k in range(len(rows[0])):
-            out = np.zeros((len(rows), width), dtype=rows[0][k].dtype)
-            for i, r in enumerate(rows):
-                out[i, : r[k].shape[-1]] = r[k]
-            parts.append(out)
-        return tuple(parts)
-    return np.stack(rows)
-
-
 @dataclass
 class Replica:
     handle: Any  # ray.actor.ActorHandle
@@ -71,12 +57,14 @@ class ExpertPool:
         name: str,
         subnets: Sequence[str],
         handles: Sequence[Any],
+        stack: Callable[[Sequence[Any]], Any] = np.stack,
         on_live: Callable[[int], None] | None = None,
         probe_interval_s: float = 0.05,
     ):
         self.name = name
         self.subnets = tuple(subnets)
         self.replicas = [Replica(h) for h in handles]
+        self._stack = stack  # the input codec's: one-example rows -> the batch an expert takes
         self._on_live = on_live
         self._probe_interval_s = probe_interval_s
         self._probes: set[asyncio.Task] = set()
@@ -128,7 +116,7 @@ class ExpertPool:
             by_subnet.setdefault(subnet, []).append(i)
         groups = []
         for subnet, idx in by_subnet.items():
-            rows = stack_rows([items[i][1] for i in idx])
+            rows = self._stack([items[i][1] for i in idx])
             bounds = np.fromiter((items[i][2] for i in idx), dtype=np.float32, count=len(idx))
             if np.isinf(bounds).all():
                 groups.append((subnet, rows, None, 1))

@@ -1,5 +1,9 @@
 """RayEngine: validate, route (micro-batched router), dispatch to Ray experts, aggregate, count.
 
+The engine holds the request pipeline only (validate -> route -> execute -> result); what
+depends on the input kind (checks, tokenising or standardising, stacking rows, whether that
+runs in a thread) is the bundle's input codec (dynaroute.codec).
+
 CONTRACT (used by the servicers): `RayEngine.start(bundle_path, config)`, `model_name`,
 `ready`, `model_info()`, `infer(InferRequest)`, `drain()`, `close()`. Ray must already be
 initialised by the caller. `infer` raises the exceptions of dynaroute.errors.
@@ -20,6 +24,7 @@ import torch
 
 from dynaroute import metrics
 from dynaroute.bundle import Bundle
+from dynaroute.codec import InputCodec
 from dynaroute.config import EngineConfig, PlacementConfig
 from dynaroute.errors import (
     DeadlineError,
@@ -40,9 +45,7 @@ from dynaroute.gateway.dispatch import (
     ExpertPool,
     ExpertRowResult,
     ExpertUnavailableError,
-    stack_rows,
 )
-from dynaroute.gateway.inputs import InputSpec, check_values
 from dynaroute.gateway.types import Cost, InferRequest, InferResult, RouteTaken
 from dynaroute.router.budget import Budget
 from dynaroute.router.policy import Route
@@ -76,26 +79,17 @@ class RayEngine:
         # Exits are numbered 1..(number of exits of the deepest subnet).
         max_depth = max(len(s.get("exit_flops") or ()) or int(s["depth"]) for s in bundle.subnet_infos)
         self._metrics.precreate(self._subnets, max_depth)
-        spec = bundle.manifest["input"]
-        self._text = spec.get("kind") == "text"
-        self._encoder = None
+        self.codec: InputCodec = bundle.codec()
         self._router_thread: ThreadPoolExecutor | None = None
-        if self._text:
+        if self.codec.in_thread:
             self._router_thread = ThreadPoolExecutor(1, thread_name_prefix="dynaroute-router")
-            from dynaroute.text import TextEncoder
-
-            self._encoder = TextEncoder.from_bundle(bundle)
-        else:
-            self._dtype = np.dtype(spec["dtype"])
-            self._shape = tuple(int(d) for d in spec["shape"])
-            # None for bundles trained before the range was recorded (their answers are checked).
-            self._value_range = InputSpec.from_model_info({"input": spec}).value_range
         model = bundle.name
         pools = [
             ExpertPool(
                 a.name,
                 a.subnets,
                 handles[a.name],
+                stack=self.codec.stack,
                 on_live=metrics.REPLICAS_LIVE.labels(model, a.name).set,
             )
             for a in placement.actors
@@ -280,12 +274,12 @@ class RayEngine:
             resolution = self.router.resolve(budget)  # cached per budget; says when it was out of reach
         if request.deadline is not None:
             self._refuse_if_late(request.deadline, budget.subnet, request.flow)
-        if pinned is not None and not self._text:
-            route, row, router_ran = pinned, x, False  # nothing for the router to do
-        elif self._inflight == 1 and not self._text and self._router_batcher.idle:
+        if pinned is not None and not self.codec.in_thread:
+            route, row, router_ran = pinned, self.codec.encode([x]).rows[0], False  # nothing for the router to do
+        elif self._inflight == 1 and not self.codec.in_thread and self._router_batcher.idle:
             # A lone request (concurrency 1): route it here and now. The batcher's hop (a task
-            # and loop turns) costs more than scoring one row of a tensor router; with other
-            # requests in flight the batcher is used, so batches still form under load.
+            # and loop turns) costs more than encoding and scoring one row of a tensor router;
+            # with other requests in flight the batcher is used, so batches still form under load.
             t0 = time.perf_counter()
             routed = self._route_batch_sync([(x, budget)])[0]
             compute_s = time.perf_counter() - t0
@@ -339,33 +333,7 @@ class RayEngine:
         )
 
     def _validate_input(self, request: InferRequest) -> Any:
-        if self._text:
-            if request.tensor is not None:
-                raise InvalidInputError(f"model {self.model_name!r} takes text; got a tensor")
-            if not isinstance(request.text, str) or not request.text.strip():
-                raise InvalidInputError("text must be a non-empty string")
-            return request.text
-        if request.text is not None:
-            raise InvalidInputError(
-                f"model {self.model_name!r} takes a {self._dtype.name} tensor of shape {list(self._shape)}; got text"
-            )
-        x = request.tensor
-        if x is None:
-            raise InvalidInputError(f"tensor is required: {self._dtype.name} of shape {list(self._shape)}")
-        x = np.asarray(x)
-        if x.size == 0:
-            raise InvalidInputError(f"tensor is empty; expected shape {list(self._shape)}")
-        if x.shape != self._shape:
-            if x.shape[1:] == self._shape and x.shape[0] == 1:  # a batch of one is one example
-                x = x[0]
-            else:
-                raise InvalidInputError(f"tensor has shape {list(x.shape)}; expected {list(self._shape)}")
-        if x.dtype != self._dtype:
-            if x.dtype.kind not in "biuf":
-                raise InvalidInputError(f"tensor has dtype {x.dtype.name}; expected {self._dtype.name}")
-            x = x.astype(self._dtype)
-        check_values("tensor", x, self._value_range)
-        return x
+        return self.codec.validate(request.tensor, request.text, self.model_name)
 
     # ---- the router, one batch at a time ----------------------------------------------------
 
@@ -373,32 +341,20 @@ class RayEngine:
         # A tensor router (digits: a few microseconds of torch) runs on the event loop, where a
         # thread hop would cost more than the work; tokenising and a text router run in a thread
         # so that the loop keeps serving while they do (torch and tokenizers release the GIL).
-        if self._text:
+        if self.codec.in_thread:
             return await asyncio.get_running_loop().run_in_executor(self._router_thread, self._route_batch_sync, items)
         return self._route_batch_sync(items)
 
     def _route_batch_sync(self, items: list[_RouterItem]) -> list[_Routed | BaseException]:
-        if self._text:
-            ids, mask = self._encoder.encode([x for x, _ in items])
-            rows: list[Any] = list(zip(ids.numpy(), mask.numpy(), strict=True))
-            batch: Any = (ids, mask)
-        else:
-            rows = [x for x, _ in items]
-            batch = None
+        encoded = self.codec.encode([x for x, _ in items])
+        rows = encoded.rows
         need = [i for i, (_, b) in enumerate(items) if isinstance(b, Budget)]
         out: list[_Routed | BaseException] = [(b, rows[i], False) if isinstance(b, Route) else None  # type: ignore[misc]
                                               for i, (_, b) in enumerate(items)]
         if need:
-            if self._text:
-                if len(need) < len(items):
-                    batch = (batch[0][need], batch[1][need])
-            else:  # numpy in: a router with a numpy forward (the MLP) skips torch altogether
-                batch = rows[need[0]][None] if len(need) == 1 else stack_rows([rows[i] for i in need])
-            if self._text:
-                with torch.inference_mode():
-                    correct_prob, gate = self.router.score(batch)
-            else:
-                correct_prob, gate = self.router.score(batch)
+            # Rows whose subnet is pinned were only encoded; the router scores the others.
+            batch = encoded.batch if len(need) == len(items) else self.codec.stack([rows[i] for i in need])
+            correct_prob, gate = self.router.score(batch)
             for j, i in enumerate(need):
                 try:
                     route = self.router.plan(items[i][1], correct_prob[j], gate[j])

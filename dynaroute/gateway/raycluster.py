@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dynaroute import logs
 from dynaroute.config import PlacementConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def start_local_ray(num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
+    logs.adopt_ray_logs()  # Ray's driver-side lines in this process's log format
     ray.init(
         address="local",  # never RAY_ADDRESS or an address file: those are for --ray-address
         _node_ip_address="127.0.0.1",
@@ -57,6 +59,7 @@ def join_ray(address: str) -> None:
     """Join the Ray cluster at `address`; ConnectionError with one line saying what to fix."""
     import ray
 
+    logs.adopt_ray_logs()
     probe(address)
     try:
         ray.init(address=address, log_to_driver=False)
@@ -151,11 +154,11 @@ def placement_wait(
     current = nodes()
     missing = unplaceable(placement, current)
     if missing and can_grow:
-        print(
+        logs.error_line(
+            __name__,
             f"dynaroute serve: no node of the Ray cluster can hold {'; '.join(missing)}; waiting up to {timeout_s:g} s "
             "(--ready-timeout-s) for a node that can to join",
-            file=sys.stderr,
-            flush=True,
+            level=logging.WARNING,
         )
         deadline = time.monotonic() + timeout_s
         while missing and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Securing the gRPC port: TLS, mutual TLS and an optional bearer token.
+"""Securing the gRPC and HTTP ports: TLS, mutual TLS and an optional bearer token.
 
 The server side builds `grpc.ServerCredentials` from PEM files and installs
 `BearerTokenInterceptor`; the client side builds `grpc.ChannelCredentials` and sends the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def server_credentials(
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def server_ssl_context(
+    cert_path: str | Path, key_path: str | Path, client_ca_path: str | Path | None = None
+) -> ssl.SSLContext:
+    """The same TLS (and, with `client_ca_path`, mutual TLS) as `server_credentials`, for the
+    HTTP/REST port: one set of files secures both transports."""
+    _read_pem(cert_path, "tls_cert")  # the same checks and messages as the gRPC port's
+    _read_pem(key_path, "tls_key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(cert_path), str(key_path))
+        if client_ca_path is not None:
+            _read_pem(client_ca_path, "tls_client_ca")
+            context.load_verify_locations(cafile=str(client_ca_path))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as e:
+        raise ValueError(f"tls_cert, tls_key, tls_client_ca: not a usable certificate, key and CA ({e})") from None
+    return context
 
 
 def channel_credentials(
@@ -126,6 +146,28 @@ async def _drain(requests: AsyncIterator[bytes]) -> None:
         pass
 
 
+def bearer_problem(values: Sequence[str | bytes], expected: bytes, where: str = "metadata") -> str | None:
+    """None when the first `authorization` value (of `values`) is `expected` ("Bearer <token>"),
+    else what was wrong; `where` names what carried it (gRPC metadata, an HTTP header). The
+    comparison is constant-time (hmac.compare_digest) so response timing does not leak the token."""
+    if not values:
+        return f"missing 'authorization' {where}; expected 'authorization: Bearer <token>'"
+    value = values[0].encode() if isinstance(values[0], str) else values[0]
+    if not value.lower().startswith(_SCHEME.encode()):
+        return f"'authorization' {where} is not a bearer token; expected 'authorization: Bearer <token>'"
+    # Normalise the scheme's case only; the token itself is compared byte for byte.
+    if not hmac.compare_digest(b"Bearer " + value[len(_SCHEME) :], expected):
+        return "bearer token not accepted; expected 'authorization: Bearer <token>' with this server's token"
+    return None
+
+
+def expected_bearer(token: str) -> bytes:
+    """What `bearer_problem` compares against for `token`."""
+    if not token:
+        raise ValueError("token: must be a non-empty string")
+    return f"Bearer {token}".encode()
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` that only refuses the call. Requests
     are never decoded (no deserializer): nothing a refused client sends is parsed."""
@@ -148,12 +190,11 @@ def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messag
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Answers UNAUTHENTICATED unless a call carries `authorization: Bearer <token>`.
-
-    The comparison is constant-time (hmac.compare_digest) so response timing does not leak
-    the token. Methods starting with one of `exempt_prefixes` (default: the health service)
-    pass without a token. `on_rejected(method)` is called for each refused call (e.g. to count
-    it in dynaroute_requests_total{status="unauthenticated"}).
+    """Answers UNAUTHENTICATED unless a call carries `authorization: Bearer <token>`
+    (checked by `bearer_problem`, as the HTTP transport checks its header). Methods starting
+    with one of `exempt_prefixes` (default: the health service) pass without a token.
+    `on_rejected(method)` is called for each refused call (e.g. to count it in
+    dynaroute_requests_total{status="unauthenticated"}).
     """
 
     def __init__(
@@ -162,24 +203,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         exempt_prefixes: Sequence[str] = (HEALTH_METHOD_PREFIX,),
         on_rejected: Callable[[str], None] | None = None,
     ) -> None:
-        if not token:
-            raise ValueError("token: must be a non-empty string")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = expected_bearer(token)
         self._exempt = tuple(exempt_prefixes)
         self._on_rejected = on_rejected
 
     def _check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None when authorised, else what was wrong."""
-        values = [v for k, v in (metadata or ()) if k.lower() == AUTH_HEADER]
-        if not values:
-            return "missing 'authorization' metadata; expected 'authorization: Bearer <token>'"
-        value = values[0].encode() if isinstance(values[0], str) else values[0]
-        if not value.lower().startswith(_SCHEME.encode()):
-            return "'authorization' metadata is not a bearer token; expected 'authorization: Bearer <token>'"
-        # Normalise the scheme's case only; the token itself is compared byte for byte.
-        if not hmac.compare_digest(b"Bearer " + value[len(_SCHEME) :], self._expected):
-            return "bearer token not accepted; expected 'authorization: Bearer <token>' with this server's token"
-        return None
+        return bearer_problem([v for k, v in (metadata or ()) if k.lower() == AUTH_HEADER], self._expected)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails

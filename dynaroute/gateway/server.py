@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dynaroute import logs, metrics
 from dynaroute._proto import dynaroute_pb2, dynaroute_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from dynaroute.config import EngineConfig, ServerConfig
 from dynaroute.errors import BundleError, UnavailableError
 from dynaroute.gateway.decoding import DecodeGuardInterceptor
 from dynaroute.gateway.kserve import KServeServicer
 from dynaroute.gateway.native import NativeServicer
-from dynaroute.gateway.status import record_request
 from dynaroute.gateway.types import Engine, InferRequest, InferResult
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,8 @@ HEALTH_SERVICES = ("", NATIVE_SERVICE, KSERVE_SERVICE)  # "" is the whole server
 APIS = {NATIVE_SERVICE: "native", KSERVE_SERVICE: "kserve"}  # service -> metrics `api` label
 # The unary inference methods, whose undecodable requests count in dynaroute_requests_total
 # (InferStream's messages are counted by its servicer, one by one).
-UNARY_INFERENCE = {f"/{NATIVE_SERVICE}/Infer": "native", f"/{KSERVE_SERVICE}/ModelInfer": "kserve"}
+UNARY_INFERENCE = {f"/{NATIVE_SERVICE}/Infer": "native", f"/{NATIVE_SERVICE}/InferBatch": "native",
+                   f"/{KSERVE_SERVICE}/ModelInfer": "kserve"}
 
 
 class EngineSlot:
@@ -155,7 +155,7 @@ def build_server(config: ServerConfig, slot: EngineSlot) -> tuple[grpc.aio.Serve
 
     def on_undecodable(method: str) -> None:
         if method in UNARY_INFERENCE:
-            record_request(_model_label(slot), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
+            metrics.record_refused(_model_label(slot), UNARY_INFERENCE[method], grpc.StatusCode.INVALID_ARGUMENT)
 
     interceptors.append(
         DecodeGuardInterceptor(APIS, per_message=[f"/{NATIVE_SERVICE}/InferStream"], on_undecodable=on_undecodable)
@@ -212,9 +212,17 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
     metrics_server, _ = start_http_server(config.metrics_port, config.metrics_host)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    print(f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}", flush=True)
-    engine = None
+    engine = rest = None
     try:
+        http: dict[str, str] = {}  # the HTTP port's address on the starting and ready lines, when it is on
+        if config.http_port is not None:
+            from dynaroute.gateway.rest import RestServer
+
+            rest = RestServer(slot, config, lambda: slot.ready)
+            http["http"] = f"{config.host}:{await rest.start()}"
+        shown_http = "".join(f" http={a}" for a in http.values())
+        logs.announce(__name__, f"dynaroute: starting bundle={bundle} grpc={config.host}:{port}{shown_http}",
+                      bundle=str(bundle), grpc=f"{config.host}:{port}", **http)
         engine = await RayEngine.start(bundle, engine_config)
         slot.engine = engine
         # What start-up allocated (torch, Ray, the router, the tokenizer: millions of objects)
@@ -224,10 +232,11 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
         gc.freeze()
         if not stop.is_set():  # a SIGTERM while the actors started: go straight to shutting down
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-            print(
-                f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
-                f"metrics={config.metrics_host}:{metrics_server.server_port}",
-                flush=True,
+            metrics_address = f"{config.metrics_host}:{metrics_server.server_port}"
+            logs.announce(
+                __name__, f"dynaroute: serving model={engine.model_name} grpc={config.host}:{port} "
+                f"metrics={metrics_address}{shown_http}", model=engine.model_name, grpc=f"{config.host}:{port}",
+                metrics=metrics_address, **http,
             )
             await stop.wait()
         log.info("draining: health NOT_SERVING, finishing in-flight requests")
@@ -239,13 +248,15 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
             await quiesce(slot, config.grace_s)
         # Every call in flight has been answered; calls still coming are cut at the socket, so
         # that none is answered CANCELLED by the server's stop.
+        if rest is not None:
+            await rest.stop()
         sever_connections(port)
         await server.stop(config.grace_s)
         if engine is not None:
             await engine.close()
         metrics_server.shutdown()
         metrics_server.server_close()
-    print("dynaroute: stopped", flush=True)
+    logs.announce(__name__, "dynaroute: stopped")
     return 0
 
 
@@ -253,9 +264,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     from dynaroute.config import PlacementConfig
 
     server = ServerConfig(
-        host=args.host, port=args.port, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        max_message_bytes=args.max_message_bytes, grace_s=args.grace_s, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_token_file=args.auth_token_file,
+        host=args.host, port=args.port, http_port=args.http_port, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes, grace_s=args.grace_s,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
     )
     placement = PlacementConfig.from_file(args.placement) if args.placement else None
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
@@ -270,7 +282,6 @@ def main_serve(args: argparse.Namespace) -> int:
     from dynaroute.bundle import Bundle
     from dynaroute.gateway import raycluster
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # What can be checked without Ray is checked first: starting or joining Ray takes seconds
     # to tens of seconds, and a typo should not wait for it.
     try:
@@ -284,7 +295,7 @@ def main_serve(args: argparse.Namespace) -> int:
         for backend in sorted({default, *(a.backend for a in actors if a.backend)}):
             bundle.check_backend(backend)
     except (BundleError, ValueError) as e:
-        print(f"dynaroute serve: {e}", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute serve: {e}")
         return 2
     started_ray = args.ray_address is None
     try:
@@ -298,7 +309,7 @@ def main_serve(args: argparse.Namespace) -> int:
         raycluster.placement_wait(placement, engine_config.ready_timeout_s, can_grow=not started_ray)
         return asyncio.run(serve(args.bundle, server_config, engine_config))
     except (BundleError, OSError, ValueError, UnavailableError) as e:  # Ray, a busy port, bad TLS files, slow experts
-        print(f"dynaroute serve: {e}", file=sys.stderr)
+        logs.error_line(__name__, f"dynaroute serve: {e}")
         return 1
     finally:
         if started_ray:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from dynaroute.experts.spec import SubnetSpec
-from dynaroute.router.policy import Policy, Route, register_policy
+from dynaroute.router.policy import Policy, Route
 
 
 def pareto_ladder(names: Sequence[str], flops: Sequence[int], accuracy: Sequence[float]) -> list[str]:
@@ -25,7 +25,6 @@ def pareto_ladder(names: Sequence[str], flops: Sequence[int], accuracy: Sequence
     return ladder
 
 
-@register_policy
 class CascadePolicy(Policy):
     """By default the ladder of a path is its deepest subnet at each width, cheapest first:
     early exit inside an expert already covers the shallower depths of a width when exits are

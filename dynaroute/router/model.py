@@ -1,8 +1,8 @@
 """Router models: input -> per-subnet P(correct) logits and gate logits over path branches.
 
-A router family is a config dataclass plus an `nn.Module` subclass of `Router`, registered by
-name so that a bundle's manifest can say which to build (as `experts/registry.py` does for
-supernets). Text routers take the same (ids, mask) tuple the experts take.
+A router family is a config dataclass plus an `nn.Module` subclass of `Router`, found by name
+through `ROUTER_FAMILIES` (dynaroute.registry), so that a bundle's manifest can say which to
+build, as for supernets. Text routers take the same (ids, mask) tuple the experts take.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from dynaroute.errors import BundleError
+from dynaroute.registry import FamilyName, Registry
 
 
 class Router(nn.Module, ABC):
@@ -28,6 +28,13 @@ class Router(nn.Module, ABC):
 
     num_subnets: int
     num_paths: int
+    config_class: ClassVar[type]
+    family: ClassVar[str] = FamilyName()  # type: ignore[assignment]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Router:
+        """An untrained router from its manifest config (override for another config form)."""
+        return cls(cls.config_class.from_dict(config))
 
     @abstractmethod
     def forward(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -66,7 +73,7 @@ class MLPRouterConfig:
 
 
 class MLPRouter(Router):
-    family = "mlp"
+    config_class = MLPRouterConfig
 
     def __init__(self, config: MLPRouterConfig):
         super().__init__()
@@ -101,27 +108,8 @@ class MLPRouter(Router):
         return forward
 
 
-# family -> (config from dict, router from config)
-_ROUTER_FAMILIES: dict[str, tuple[Callable[[dict], Any], Callable[[Any], Router]]] = {
-    MLPRouter.family: (MLPRouterConfig.from_dict, MLPRouter),
-}
-
-
-def register_router_family(name: str, config_from_dict: Callable[[dict], Any], build: Callable[[Any], Router]) -> None:
-    """Make `build_router(name, config)` work; call it where the family's module is imported
-    (text families: in the module that `experts/registry.py` imports for the text supernet)."""
-    _ROUTER_FAMILIES[name] = (config_from_dict, build)
-
-
-def build_router(family: str, config: dict) -> Router:
-    """An untrained router of `family` from its manifest config."""
-    from dynaroute.experts.registry import _load_optional_families
-
-    _load_optional_families()
-    if family not in _ROUTER_FAMILIES:
-        raise BundleError(f"unknown router family {family!r}; expected one of {sorted(_ROUTER_FAMILIES)}")
-    from_dict, build = _ROUTER_FAMILIES[family]
-    try:
-        return build(from_dict(config))
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"bad router config for family {family!r}: {e}") from e
+# Router families by name; the short names are those older manifests carry.
+ROUTER_FAMILIES: Registry[Router] = Registry("router family", Router, {
+    "mlp": "dynaroute.router.model:MLPRouter",
+    "text_mean_pool": "dynaroute.router.text:TextRouter",
+})

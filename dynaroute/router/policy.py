@@ -3,7 +3,7 @@
 CONTRACT (shared by the router and the gateway; keep these names and fields):
 - `Route`: what to run for one input and how to combine it.
 - `Policy.route(correct_prob, gate, threshold)`: one input's decision.
-Policy implementations live beside this file, one class each, registered in POLICIES.
+Policy implementations live beside this file, one class each, found by name through POLICIES.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+
+from dynaroute.errors import InvalidInputError
+from dynaroute.registry import Registry, UnknownFamilyError
 
 
 @dataclass(frozen=True)
@@ -50,20 +53,21 @@ class Policy(ABC):
         """correct_prob: [S] predicted P(subnet answers correctly); gate: [K] path weights."""
 
 
-# name -> Policy class. Filled by `register_policy` in threshold.py, cascade.py, topk.py and static.py,
-# which dynaroute/router/__init__.py imports, so the dict is complete once the package is.
-POLICIES: dict[str, type[Policy]] = {}
-
-
-def register_policy(cls: type[Policy]) -> type[Policy]:
-    POLICIES[cls.name] = cls
-    return cls
+# Policies by name (dynaroute.registry): the built-ins below, an import path, or an entry point
+# of the `dynaroute.policies` group.
+POLICIES: Registry[Policy] = Registry("routing policy", Policy, {
+    "threshold": "dynaroute.router.threshold:ThresholdPolicy",
+    "cascade": "dynaroute.router.cascade:CascadePolicy",
+    "topk": "dynaroute.router.topk:TopKPolicy",
+    "static": "dynaroute.router.static:StaticPolicy",
+}, group="dynaroute.policies")
 
 
 def make_policy(name: str, subnet_names: list[str], subnet_flops: list[int], **options: float) -> Policy:
-    """Build a registered policy; an unknown name is the caller's input error."""
-    from dynaroute.errors import InvalidInputError
-
-    if name not in POLICIES:
-        raise InvalidInputError(f"unknown policy {name!r}; expected one of {sorted(POLICIES)}")
-    return POLICIES[name](subnet_names, subnet_flops, **options)
+    """Build a policy by name; an unknown name is the caller's input error."""
+    try:
+        cls = POLICIES.resolve(name)
+    except UnknownFamilyError as e:
+        raise InvalidInputError(f"unknown policy {name!r}; expected one of {POLICIES.names()} or an import "
+                                f"path 'package.module:Class' ({e})") from None
+    return cls(subnet_names, subnet_flops, **options)

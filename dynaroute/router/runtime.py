@@ -15,7 +15,7 @@ from dynaroute.bundle import Bundle, check_weights
 from dynaroute.errors import BundleError, InvalidInputError, shown
 from dynaroute.router.budget import Budget
 from dynaroute.router.calibration import CalibrationTable, Resolution
-from dynaroute.router.model import Router, build_router
+from dynaroute.router.model import ROUTER_FAMILIES, Router
 from dynaroute.router.policy import Policy, Route, make_policy
 
 # Distinct budgets whose calibration resolution is kept (clients choose budgets freely, so the
@@ -58,7 +58,10 @@ class RouterRuntime:
         if "router" not in m or "calibration" not in m:
             raise BundleError(f"bundle {bundle.name!r} has no router or calibration; retrain it with `dynaroute train`")
         info = m["router"]
-        router = build_router(info["family"], info["config"])
+        try:
+            router = ROUTER_FAMILIES.build(info["family"], info["config"])
+        except BundleError as e:
+            raise BundleError(f"bundle {bundle.name!r}: {e}") from e
         path = bundle.root / info["weights"]
         check_weights(router, path, "router")
         router.load_state_dict(load_file(str(path)))
@@ -68,14 +71,17 @@ class RouterRuntime:
                    default_quality)
 
     def score(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
-        """x: a batch tensor or numpy array (tensor models) or (ids, mask). Returns correct_prob
-        [N, S] in 0..1 (columns in `subnet_names` order) and gate [N, K] (rows sum to 1)."""
+        """x: a batch tensor or numpy array (tensor models) or (ids, mask) as tensors or arrays.
+        Returns correct_prob [N, S] in 0..1 (columns in `subnet_names` order) and gate [N, K]
+        (rows sum to 1)."""
         if isinstance(x, np.ndarray):
             if self._numpy_forward is not None:
                 correct_logits, gate_logits = self._numpy_forward(x)
                 return _sigmoid(correct_logits), _softmax(gate_logits)
             x = torch.from_numpy(x)
-        with torch.no_grad():
+        elif isinstance(x, tuple):
+            x = tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in x)
+        with torch.inference_mode():
             correct_logits, gate_logits = self.router(x)
             return torch.sigmoid(correct_logits).numpy(), torch.softmax(gate_logits, -1).numpy()
 

@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from dynaroute.router.policy import Policy, Route, register_policy
+from dynaroute.router.policy import Policy, Route
 
 
-@register_policy
 class StaticPolicy(Policy):
     """option subnet (default: the subnet with the most FLOPs, the full model): the subnet
     every input runs, to its last block. The threshold is ignored."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dynaroute.router.model import Router, register_router_family
+from dynaroute.router.model import Router
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TextRouterConfig:
 
 
 class TextRouter(Router):
-    family = "text_mean_pool"
+    config_class = TextRouterConfig
 
     def __init__(self, config: TextRouterConfig):
         super().__init__()
@@ -68,5 +68,3 @@ class TextRouter(Router):
         out = self.head(torch.relu(self.hidden(self.norm(features))))
         return out[:, : self.num_subnets], out[:, self.num_subnets :]
 
-
-register_router_family(TextRouter.family, TextRouterConfig.from_dict, TextRouter)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynaroute.router.policy import Policy, Route, register_policy
+from dynaroute.router.policy import Policy, Route
 
 
-@register_policy
 class ThresholdPolicy(Policy):
     """Pick the cheapest subnet with P(correct) >= threshold; when none reaches it, the subnet
     the router trusts most (so a threshold above every score still gets a sound answer).

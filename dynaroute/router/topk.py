@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from dynaroute.experts.spec import SubnetSpec
-from dynaroute.router.policy import Policy, Route, register_policy
+from dynaroute.router.policy import Policy, Route
 
 
-@register_policy
 class TopKPolicy(Policy):
     """option k (default 2, at most the number of paths): the branches run side by side.
 

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dynaroute.experts.base import DynamicModel
 from dynaroute.experts.spec import SubnetSpec
+from dynaroute.progress import progress_bar
 from dynaroute.router.model import Router
 
 
@@ -121,7 +121,7 @@ def train_router_supervised(
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
     router.train()
-    for _ in tqdm(range(cfg.epochs), desc="router", unit="epoch", disable=not progress):
+    for _ in progress_bar(range(cfg.epochs), desc="router", unit="epoch", enabled=progress):
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for start in range(0, n, cfg.batch_size):
@@ -167,7 +167,7 @@ def train_joint(
     history = []
     model.train()
     router.train()
-    for _ in tqdm(range(cfg.epochs), desc="joint", unit="epoch", disable=not progress):
+    for _ in progress_bar(range(cfg.epochs), desc="joint", unit="epoch", enabled=progress):
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for start in range(0, n, cfg.batch_size):

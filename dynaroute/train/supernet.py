@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dynaroute.data import Split
 from dynaroute.experts.base import DynamicModel
+from dynaroute.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def train_supernet(model: DynamicModel, train: Split, cfg: SupernetTrainConfig, 
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[float] = []
     model.train()
-    bar = tqdm(range(cfg.epochs), desc="supernet", unit="epoch", disable=not progress)
+    bar = progress_bar(range(cfg.epochs), desc="supernet", unit="epoch", enabled=progress)
     for _ in bar:
         order = torch.randperm(len(train), generator=generator)
         total = 0.0

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from dynaroute.bundle import Bundle, save_weights, write_manifest
 from dynaroute.data import read_sst2
 from dynaroute.experts.bert import DynaBert, default_checkpoint
+from dynaroute.progress import progress_bar
 from dynaroute.text import TextEncoder
 from dynaroute.train.evaluate import describe_subnets
 from dynaroute.train.supernet import seed_everything
@@ -273,7 +273,7 @@ def run_stage(
     model.train()
     started = time.perf_counter()
     losses: list[float] = []
-    bar = tqdm(range(start, steps), desc=stage, unit="step", disable=not progress, initial=start, total=steps)
+    bar = progress_bar(range(start, steps), desc=stage, unit="step", enabled=progress, initial=start, total=steps)
     for step in bar:
         x, y = next(batches)
         loss = step_loss(x, y, rng)
@@ -304,7 +304,7 @@ def text_subnet_probs(
     lengths = encoder.lengths(split.texts)
     order = sorted(range(len(split)), key=lambda i: lengths[i])
     out: dict[str, np.ndarray] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="evaluate", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, len(order), batch_size), desc="evaluate", unit="batch", enabled=progress):
         idx = order[start : start + batch_size]
         x = encoder.encode([split.texts[i] for i in idx])
         for spec in model.subnets():

@@ -42,7 +42,7 @@ def test_train_sst2_tiny_writes_a_servable_text_bundle(tmp_path: Path) -> None:
     m = bundle.manifest
     assert m["input"] == {"kind": "text", "tokenizer": "tokenizer.json", "max_length": 24}
     assert (out / "tokenizer.json").is_file()
-    assert m["supernet"]["family"] == "dynabert"
+    assert m["supernet"]["family"] == "dynaroute.experts.bert:DynaBert"  # by import path
     names = [s["name"] for s in bundle.subnet_infos]
     assert len(names) == 12 and bundle.full_subnet == "w1-d6-p0"
     flops = {s["name"]: s["flops"] for s in bundle.subnet_infos}

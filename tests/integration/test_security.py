@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
+import ssl
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -282,6 +285,48 @@ def test_bad_paths_name_the_option(tmp_path: Path, pki: dict[str, Path]) -> None
 # -- the real gateway -------------------------------------------------------------------------
 
 
+def _https(address: str, path: str, context: ssl.SSLContext, token: str | None = None,
+           body: dict | None = None) -> tuple[int, dict[str, str], dict]:
+    """One HTTPS call; status, headers and the JSON body (errors included)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(f"https://{address}{path}", data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def _check_https(address: str, pki: dict[str, Path], x: object) -> None:
+    """The HTTP/REST port under the same TLS, client certificates and token as the gRPC port."""
+    import numpy as np
+
+    def context(cert: str | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+        if cert is not None:
+            ctx.load_cert_chain(str(pki[f"{cert}_crt"]), str(pki[f"{cert}_key"]))
+        return ctx
+
+    infer = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                         "data": np.asarray(x, dtype=np.float32).tolist()}]}
+    plain = urllib.request.Request(f"http://{address.replace('localhost', '127.0.0.1')}/v2/health/live")
+    for what, ctx in {"no client certificate": context(), "untrusted client certificate": context("rogue")}.items():
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            _https(address, "/v2/health/live", ctx)
+            pytest.fail(what)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext to the TLS port
+        urllib.request.urlopen(plain, timeout=10).read()
+    ctx = context("client")
+    assert _https(address, "/v2/health/ready", ctx)[0] == 200  # probes need no token
+    for token in (None, "wrong"):
+        status, headers, reply = _https(address, "/v2/models/digits/infer", ctx, token, infer)
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", reply
+        assert "authorization: Bearer <token>" in reply["error"]
+    status, _, reply = _https(address, "/v2/models/digits/infer", ctx, TOKEN, infer)
+    assert status == 200 and reply["parameters"]["total_flops"] > 0, reply
+
+
 def _non_loopback_ip() -> str | None:
     """An address of this machine other than loopback (None if it has none)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -295,8 +340,9 @@ def _non_loopback_ip() -> str | None:
 
 @pytest.mark.slow
 def test_dynaroute_serve_with_mtls_and_token(pki: dict[str, Path], digits_bundle_dir: Path, tmp_path: Path) -> None:
-    """`dynaroute serve --tls-cert --tls-key --tls-client-ca --auth-token-file`: each missing
-    credential is refused, all of them are served; both ports listen on loopback only."""
+    """`dynaroute serve --tls-cert --tls-key --tls-client-ca --auth-token-file --http-port`: each
+    missing credential is refused, all of them are served, on the gRPC and the HTTP/REST port
+    alike; every port listens on loopback only."""
     from dynaroute.client import Client
     from dynaroute.data import load_digits_splits
     from tests.serving import ServerProcess
@@ -306,15 +352,16 @@ def test_dynaroute_serve_with_mtls_and_token(pki: dict[str, Path], digits_bundle
     server = ServerProcess.start(
         digits_bundle_dir,
         "--tls-cert", str(pki["server_crt"]), "--tls-key", str(pki["server_key"]),
-        "--tls-client-ca", str(pki["ca"]), "--auth-token-file", str(token_file),
+        "--tls-client-ca", str(pki["ca"]), "--auth-token-file", str(token_file), "--http-port", "0",
     )  # fmt: skip
     try:
         host, port = server.grpc_address.rsplit(":", 1)
         metrics_host, metrics_port = server.metrics_address.rsplit(":", 1)
-        assert host == "127.0.0.1" and metrics_host == "127.0.0.1"
+        http_host, http_port = server.http_address.rsplit(":", 1)
+        assert host == "127.0.0.1" and metrics_host == "127.0.0.1" and http_host == "127.0.0.1"
         ip = _non_loopback_ip()
         if ip is not None:
-            for p in (int(port), int(metrics_port)):
+            for p in (int(port), int(metrics_port), int(http_port)):
                 with pytest.raises(OSError):
                     socket.create_connection((ip, p), timeout=2).close()
 
@@ -343,8 +390,10 @@ def test_dynaroute_serve_with_mtls_and_token(pki: dict[str, Path], digits_bundle
             reply = client.infer(x, quality=1.0)
             assert reply.outputs.label_name and reply.cost.total_flops > 0
 
-        # The two calls the token check refused are counted, by API; the TLS refusals never
-        # reached gRPC. Children that saw no request yet exist at zero (created at start).
+        _check_https(f"localhost:{http_port}", pki, x)
+
+        # The calls the token check refused are counted, by API (two on each port); the TLS
+        # refusals never reached a server. Children that saw no request yet exist at zero.
         text = urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10).read().decode()
         requests = {
             (s.labels["api"], s.labels["status"]): s.value
@@ -354,5 +403,7 @@ def test_dynaroute_serve_with_mtls_and_token(pki: dict[str, Path], digits_bundle
         assert requests[("native", "unauthenticated")] == 2
         assert requests[("native", "ok")] == 1
         assert requests[("kserve", "ok")] == requests[("kserve", "unauthenticated")] == 0
+        assert requests[("kserve_http", "unauthenticated")] == 2
+        assert requests[("kserve_http", "ok")] == 1
     finally:
         assert server.stop() == 0, server.output()

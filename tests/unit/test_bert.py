@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynaroute.experts.base import SUPERNET_FAMILIES
 from dynaroute.experts.bert import BertConfig, DynaBert, default_checkpoint
 from dynaroute.experts.flops import count_flops, count_params, exit_flops
-from dynaroute.experts.registry import build_model
 from dynaroute.experts.spec import SubnetSpec
 from dynaroute.text import TextEncoder
 
@@ -180,7 +180,7 @@ def test_flops_fall_with_width_and_depth_and_count_attention(trained_like, batch
 
 
 def test_registry_builds_the_family_and_config_round_trips(pretrained) -> None:
-    model = build_model("dynabert", pretrained.config.to_dict())
+    model = SUPERNET_FAMILIES.build("dynabert", pretrained.config.to_dict())
     assert isinstance(model, DynaBert)
     assert model.config == pretrained.config
 
@@ -207,7 +207,7 @@ def test_encoder_pads_to_the_longest_and_truncates(encoder) -> None:
 
 
 def test_text_router_is_cheap_and_scores_every_subnet(pretrained, batch) -> None:
-    from dynaroute.router.model import build_router
+    from dynaroute.router.model import ROUTER_FAMILIES
     from dynaroute.router.text import TextRouter, TextRouterConfig
 
     config = TextRouterConfig(pretrained.config.vocab_size, num_subnets=12)
@@ -219,7 +219,7 @@ def test_text_router_is_cheap_and_scores_every_subnet(pretrained, batch) -> None
     full = count_flops(pretrained.extract(pretrained.full_spec), example)
     assert 0 < count_flops(router, example) <= 0.02 * full
     assert not router.embed.weight.requires_grad  # only the MLP trains
-    assert isinstance(build_router(TextRouter.family, config.to_dict()), TextRouter)
+    assert isinstance(ROUTER_FAMILIES.build(TextRouter.family, config.to_dict()), TextRouter)
 
 
 def test_replay_uses_the_exits_of_non_prefix_subnets() -> None:

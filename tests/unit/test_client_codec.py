@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from dynaroute.client import make_request
+from dynaroute.codec import InputSpec, codec_for
 from dynaroute.errors import InvalidInputError
-from dynaroute.gateway.inputs import InputSpec, check_example, check_text, decode_bytes_elements, decode_raw
+from dynaroute.gateway.inputs import decode_bytes_elements, decode_raw
 from dynaroute.gateway.native import decode_budget
 
-SPEC = InputSpec("tensor", dtype="float32", shape=(64,))
+CODEC = codec_for(InputSpec("tensor", dtype="float32", shape=(64,)))
 
 
 def test_tensor_round_trips_little_endian() -> None:
@@ -21,7 +22,7 @@ def test_tensor_round_trips_little_endian() -> None:
     back = decode_raw("tensor", "float32", list(req.tensor.shape), req.tensor.data)
     np.testing.assert_array_equal(back, np.arange(64, dtype=np.float32))
     assert back.flags.writeable
-    check_example("tensor", back, SPEC)
+    CODEC.check("tensor", back)
 
 
 def test_budget_fields_travel_as_the_oneof() -> None:
@@ -60,13 +61,13 @@ def test_wire_problems_name_the_field(dtype: str, shape: list[int], data: bytes,
 )
 def test_examples_must_match_the_input_spec(x: np.ndarray, needle: str) -> None:
     with pytest.raises(InvalidInputError) as e:
-        check_example("tensor", x, SPEC)
+        CODEC.check("tensor", x)
     assert needle in str(e.value)
 
 
 def test_empty_text_is_refused() -> None:
     with pytest.raises(InvalidInputError, match="text: empty"):
-        check_text("text", "   ")
+        codec_for({"kind": "text", "max_length": 8, "tokenizer": "t.json"}).check("text", "   ")
 
 
 def test_bytes_elements_read_what_a_stock_kserve_client_writes() -> None:

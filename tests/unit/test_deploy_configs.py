@@ -137,7 +137,9 @@ def test_kuberay_exposes_gateway_and_gpu_workers() -> None:
     assert "--ray-address auto" in command and "--host 0.0.0.0" in command
     # Listening on all interfaces is only done with TLS and a token.
     assert "--tls-cert" in command and "--auth-token-file" in command
-    assert {p["containerPort"] for p in gateway["ports"]} >= {50051, 9464}
+    assert {p["containerPort"] for p in gateway["ports"]} >= {50051, 8000, 9464}
+    assert "--http-port 8000" in command
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000, "scheme": "HTTPS"}
     groups = spec["workerGroupSpecs"]
     limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups]
     assert any("nvidia.com/gpu" in lim for lim in limits), "no worker group asks for nvidia.com/gpu"
@@ -145,7 +147,7 @@ def test_kuberay_exposes_gateway_and_gpu_workers() -> None:
     for c in head + [g["template"]["spec"]["containers"][0] for g in groups]:
         assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"], c["name"]
     service = next(d for d in docs if d["kind"] == "Service")
-    assert {p["port"] for p in service["spec"]["ports"]} >= {50051, 9464}
+    assert {p["port"] for p in service["spec"]["ports"]} >= {50051, 8000, 9464}
 
 
 def test_ray_cluster_launcher_config_is_valid() -> None:

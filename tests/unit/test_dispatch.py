@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from dynaroute.config import EngineConfig, PlacementConfig
-from dynaroute.gateway.dispatch import Dispatcher, ExpertPool, stack_rows
+from dynaroute.gateway.dispatch import Dispatcher, ExpertPool
 
 FLOPS = {"a-p0": 10, "b-p0": 100, "c-p0": 300, "d-p0": 1000, "a-p1": 12, "b-p1": 900}
 
@@ -56,10 +55,3 @@ def test_fallback_is_the_nearest_available_subnet_by_flops_on_the_same_path():
     assert d.resolve("b-p1") == "a-p1"  # never another path
     assert d.resolve("a-p0") == "a-p0"
     assert d.resolve("a-p0", exclude={"small"}) is None  # nothing left on path 0
-
-
-def test_stack_rows_pads_text_rows_to_one_length():
-    ids, mask = stack_rows([(np.array([1, 2, 3]), np.array([1, 1, 1])), (np.array([4]), np.array([1]))])
-    np.testing.assert_array_equal(ids, [[1, 2, 3], [4, 0, 0]])
-    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
-    assert stack_rows([np.zeros(4), np.ones(4)]).shape == (2, 4)

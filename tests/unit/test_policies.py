@@ -16,7 +16,7 @@ ONE_GATE = np.array([1.0])
 
 
 def test_registry_holds_the_four_policies_and_refuses_unknown_names() -> None:
-    assert set(POLICIES) == {"threshold", "cascade", "topk", "static"}
+    assert set(POLICIES.names()) == {"threshold", "cascade", "topk", "static"}
     with pytest.raises(InvalidInputError, match="unknown policy 'greedy'"):
         make_policy("greedy", NAMES, FLOPS)
 

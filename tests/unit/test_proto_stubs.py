@@ -25,7 +25,7 @@ def test_stubs_import_as_a_package() -> None:
     assert dynaroute_pb2.DESCRIPTOR.package == "dynaroute.v1"
     assert hasattr(dynaroute_pb2_grpc, "DynarouteServicer")
     service = dynaroute_pb2.DESCRIPTOR.services_by_name["Dynaroute"]
-    assert [m.name for m in service.methods] == ["Infer", "InferStream", "GetModel", "ListModels"]
+    assert [m.name for m in service.methods] == ["Infer", "InferBatch", "InferStream", "GetModel", "ListModels"]
     stream = service.methods_by_name["InferStream"]
     assert stream.client_streaming and stream.server_streaming
 
