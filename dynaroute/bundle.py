@@ -175,6 +175,14 @@ class Bundle:
                               f"recorded in {MANIFEST}; the file was changed after export: export again")
         self._verified.add(rel)
 
+    def calibration(self, backend: str | None = None) -> dict[str, Any]:
+        """The router's calibration table (manifest form) for experts on `backend` (default: the
+        default backend): the one measured on that backend's outputs when export redid it (int8),
+        else the one measured at training."""
+        entry = self.manifest.get("backends", {}).get(backend or self.default_backend, {})
+        table = entry.get("calibration")
+        return table if isinstance(table, dict) else self.manifest["calibration"]
+
     def latency_ms(self, subnet: str, backend: str | None = None, batch_size: int = 1) -> float | None:
         """A subnet's measured in-process latency on a backend (default: the default backend) at
         batch 1 or 32, as `dynaroute export` recorded it; None when it was not measured."""

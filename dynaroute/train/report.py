@@ -123,7 +123,7 @@ def build_report(bundle: Bundle, data_path: str | Path | None = None) -> dict[st
         raise BundleError(f"no evaluation data registered for {data_name!r}; known: {sorted(EVAL_DATA)}")
     data = EVAL_DATA[data_name](bundle, Path(data_path) if data_path else None)
     model = bundle.supernet()
-    runtime = RouterRuntime.from_bundle(bundle)
+    runtime = RouterRuntime.from_bundle(bundle, backend="torch")  # the outputs evaluated here are torch's
     table = runtime.calibration
     test_x, test_y = data["test"]
     probs_of = data.get("subnet_probs")

@@ -206,3 +206,29 @@ def test_int8_export_without_data_is_refused(sst2_tiny_bundle_dir, tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="needs .* evaluation data; pass --data"):
         export_bundle(root, "int8", subnets=SST2_SUBNETS[:1])
+
+
+def test_int8_calibration_is_redone_and_the_router_resolves_budgets_through_it(digits_exported):
+    from dynaroute.router.budget import Budget
+    from dynaroute.router.runtime import RouterRuntime
+
+    bundle = Bundle.load(digits_exported)
+    table = bundle.manifest["backends"]["int8"]["calibration"]
+    val_x, val_y = eval_data(bundle, None)["val"]
+    assert table["rows"] == len(val_y)
+    # the full model's point is the int8 full subnet's validation accuracy
+    _, full = _modules(bundle, "int8", bundle.full_subnet)
+    static = table["tables"]["static"][0]
+    assert static["accuracy"] == pytest.approx(accuracy(full, val_x, val_y), abs=1.0 / len(val_y))
+    assert table["full_accuracy"] == pytest.approx(static["accuracy"], abs=1e-12)
+    int8 = RouterRuntime.from_bundle(bundle)  # the bundle's default backend is int8
+    assert int8.calibration.to_dict()["tables"] == table["tables"]
+    on_torch = RouterRuntime.from_bundle(bundle, backend="torch")
+    assert on_torch.calibration.to_dict()["tables"] == bundle.manifest["calibration"]["tables"]
+    # quality 1: at least the int8 full model's accuracy, as calibrated on int8 outputs
+    assert int8.resolve(Budget(quality=1.0)).point.assured >= static["accuracy"] - 1e-12
+
+
+def test_int8_calibration_not_redone_says_why(sst2_exported):
+    entry = Bundle.load(sst2_exported).manifest["backends"]["int8"]
+    assert "calibration" not in entry and "only some subnets" in entry["calibration_note"]
