@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,15 +154,15 @@ class Bundle:
             self._check_file(rel, entry["files"].get(rel))
         return {name: self.root / rel for name, rel in graphs.items()}
 
-    def check_backend(self, backend: str) -> None:
-        """Refuse a backend this bundle cannot serve every subnet on, or any of whose files is
-        missing or changed; `dynaroute serve` checks this before it starts any actor."""
+    def check_backend(self, backend: str, subnets: Sequence[str] | None = None) -> None:
+        """Refuse a backend this bundle cannot serve these subnets (default: all) on, or any of
+        whose files is missing or changed; `dynaroute serve` checks this before it starts any actor."""
         if backend not in BACKENDS:
             raise BundleError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
         if backend == DEFAULT_BACKEND:
             return
-        for s in self.subnet_infos:
-            self.backend_graphs(backend, s["name"])
+        for name in subnets if subnets is not None else [s["name"] for s in self.subnet_infos]:
+            self.backend_graphs(backend, name)
 
     def _check_file(self, rel: str, expected: str | None) -> None:
         if rel in self._verified:

@@ -46,6 +46,28 @@ def digits_exported_dir(digits_bundle_dir: Path, tmp_path_factory: pytest.TempPa
     return root
 
 
+# The tiny SST-2 bundle's subnets that `sst2_exported_dir` exports (the others stay torch-only).
+SST2_EXPORTED = ("w0.25-d3-p0", "w0.5-d4-p0", "w1-d6-p0")
+
+
+@pytest.fixture(scope="session")
+def sst2_exported_dir(sst2_tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny SST-2 bundle with three subnets exported for onnx and int8 through the
+    real CLI (`dynaroute export --subnets`)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("exported") / "sst2"
+    shutil.copytree(sst2_tiny_bundle_dir, root)
+    for backend in ("onnx", "int8"):
+        done = subprocess.run([sys.executable, "-m", "dynaroute", "export", str(root), "--backend", backend,
+                               "--subnets", *SST2_EXPORTED, "--repeats", "2"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert f"exported {len(SST2_EXPORTED)} subnets for backend '{backend}'" in done.stdout
+    return root
+
+
 @pytest.fixture(scope="session")
 def digits_server(digits_bundle_dir: Path):
     """`dynaroute serve` on the digits bundle (subprocess, local Ray, free ports, the HTTP/REST

@@ -291,9 +291,10 @@ def main_serve(args: argparse.Namespace) -> int:
             engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
         # Every backend an actor will use, with its graphs' checksums, before Ray starts.
         default = engine_config.backend or bundle.default_backend
-        actors = engine_config.placement.actors if engine_config.placement else ()
-        for backend in sorted({default, *(a.backend for a in actors if a.backend)}):
-            bundle.check_backend(backend)
+        placement = engine_config.placement
+        for backend, subnets in ([(a.backend or default, a.subnets) for a in placement.actors] if placement
+                                 else [(default, None)]):
+            bundle.check_backend(backend, subnets)
     except (BundleError, ValueError) as e:
         logs.error_line(__name__, f"dynaroute serve: {e}")
         return 2

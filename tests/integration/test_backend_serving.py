@@ -85,3 +85,33 @@ def test_placement_puts_actors_on_different_backends(bundle, test_x, tmp_path):
     assert (full.argmax(1) == torch_labels).mean() >= 0.95
     # the other actor ran torch, though the bundle's default backend is int8
     np.testing.assert_allclose(cheap, logits_of(bundle, CHEAP, test_x), atol=1e-4, rtol=0)
+
+
+def test_text_served_on_onnx_answers_like_torch(sst2_exported_dir, tmp_path):
+    """Sentences tokenised by the gateway run through the ONNX graphs of the exported subnets (a
+    placement puts those on an onnx actor, the rest on torch), dynamic padding and all."""
+    from dynaroute.text import TextEncoder
+
+    bundle = Bundle.load(sst2_exported_dir)
+    exported = sorted(bundle.manifest["backends"]["onnx"]["subnets"])
+    rest = [s["name"] for s in bundle.subnet_infos if s["name"] not in exported]
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"actors": [
+        {"name": "onnx", "subnets": exported, "backend": "onnx"},
+        {"name": "torch", "subnets": rest, "backend": "torch"},
+    ]}))
+    texts = ["a wonderful , moving film", "the script is dull and lifeless , and the cast seems to know it",
+             "an awful movie"]
+    encoder = TextEncoder.from_bundle(bundle)
+    server = ServerProcess.start(bundle.root, "--placement", str(placement))
+    try:
+        with Client(server.grpc_address, timeout_s=60) as client:
+            for subnet in exported:
+                reference = bundle.extract(subnet)
+                for i, text in enumerate(texts):
+                    reply = client.infer(text=text, id=f"{subnet}-{i}", subnet=subnet)
+                    with torch.no_grad():
+                        expected = reference(encoder.encode([text]))[0].numpy()
+                    np.testing.assert_allclose(np.asarray(reply.outputs.logits), expected, atol=1e-4, rtol=0)
+    finally:
+        assert server.stop() == 0

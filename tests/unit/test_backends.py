@@ -22,7 +22,7 @@ from dynaroute.export import accuracy, eval_data, export_bundle, rows_of
 from dynaroute.train.report import build_report, format_table
 
 DEEP = "w0.5-d3-p0"
-SST2_SUBNETS = ["w0.25-d3-p0", "w0.5-d4-p0", "w1-d6-p0"]
+SST2_SUBNETS = ["w0.25-d3-p0", "w0.5-d4-p0", "w1-d6-p0"]  # what conftest's sst2_exported_dir exports
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -36,16 +36,8 @@ def digits_exported(digits_exported_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sst2_exported(sst2_tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny SST-2 bundle with three subnets exported through the real CLI."""
-    root = _copy(sst2_tiny_bundle_dir, tmp_path_factory.mktemp("exported") / "sst2")
-    for backend in ("onnx", "int8"):
-        done = subprocess.run([sys.executable, "-m", "dynaroute", "export", str(root), "--backend", backend,
-                               "--subnets", *SST2_SUBNETS, "--repeats", "2"],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-        assert f"exported {len(SST2_SUBNETS)} subnets for backend '{backend}'" in done.stdout
-    return root
+def sst2_exported(sst2_exported_dir: Path) -> Path:
+    return sst2_exported_dir
 
 
 def _modules(bundle: Bundle, backend: str, subnet: str):
