@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 from dynaroute.bundle import Bundle
-from dynaroute.train.digits import train_digits
-from dynaroute.train.report import build_report
-from dynaroute.train.supernet import SupernetTrainConfig
+from dynaroute.training.digits import train_digits
+from dynaroute.training.report import build_report
+from dynaroute.training.supernet import SupernetTrainConfig
 
 GAP, MAX_RATIO = 0.003, 0.40  # as tests/e2e/test_train_eval.py
 

@@ -30,8 +30,9 @@ from dynaroute.router.model import ROUTER_FAMILIES
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
 from dynaroute.text import TextEncoder
-from dynaroute.train.report import oracle
-from dynaroute.train.text import SST2TrainConfig, train_sst2
+from dynaroute.training.report import oracle
+from dynaroute.training.sst2 import SST2TrainConfig, train_sst2
+from dynaroute.training.stages import run_dir_for
 
 # Sized for this 2-core machine shared with others, at one torch thread: about 60 minutes.
 # A 600-step teacher (19k phrases) reached 86.5% on dev; 1400 steps see 45k of the 62k phrases.
@@ -65,7 +66,7 @@ def dynamic_report(bundle: Bundle, run_dir: Path, data: Path) -> dict[str, Any]:
     """Replay the bundle's router + calibration on dev.tsv: every calibrated point of every
     policy, the reference budgets, the point chosen on validation to stay within 0.5 points of
     the full model, and the oracle (each sentence sent to the cheapest subnet that is right)."""
-    flat = load_numpy(str(run_dir / "checkpoints" / "probs.safetensors"))
+    flat = load_numpy(str(run_dir / "probs.safetensors"))
     probs = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("test/")}
     texts, labels = read_sst2(data / "dev.tsv")
     rows = bundle.subnet_infos
@@ -159,7 +160,7 @@ def main() -> int:
     if "router" not in bundle.manifest:
         print("no router in the bundle: the dynamic report needs dynaroute.router")
         return 1
-    report = dynamic_report(bundle, out, data)
+    report = dynamic_report(bundle, run_dir_for(out), data)
     print(f"\nrouter: {100 * report['router_flops_ratio']:.3f}% of the full model's FLOPs")
     print(f"calibrated on: {report['calibration_rows']}; cascade ladder: {report['cascade_ladder']}, "
           f"first exit {report['cascade_first_exit']}")

@@ -22,10 +22,13 @@ _EXPORTS: dict[str, str] = {
     "SubnetSpec": "dynaroute.experts.spec",
     "MLPConfig": "dynaroute.experts.mlp",
     "Bundle": "dynaroute.bundle",
-    "SupernetTrainConfig": "dynaroute.train.supernet",
-    "train_digits": "dynaroute.train.digits",
-    "SST2TrainConfig": "dynaroute.train.text",
-    "train_sst2": "dynaroute.train.text",
+    "SupernetTrainConfig": "dynaroute.training.supernet",
+    "train": "dynaroute.training.pipeline",
+    "DataSpec": "dynaroute.datasets.dataset",
+    "TextTrainConfig": "dynaroute.training.text",
+    "train_digits": "dynaroute.training.digits",
+    "SST2TrainConfig": "dynaroute.training.sst2",
+    "train_sst2": "dynaroute.training.sst2",
     "TextEncoder": "dynaroute.text",
     # routing
     "Budget": "dynaroute.router.budget",
@@ -50,17 +53,18 @@ _EXPORTS: dict[str, str] = {
     "DeadlineError": "dynaroute.errors",
     "UnauthenticatedError": "dynaroute.errors",
     "BundleError": "dynaroute.errors",
+    "DataError": "dynaroute.errors",
 }
 
 __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
     "__version__",
-    "SubnetSpec", "MLPConfig", "Bundle", "SupernetTrainConfig", "train_digits", "SST2TrainConfig", "train_sst2",
-    "TextEncoder",
+    "SubnetSpec", "MLPConfig", "Bundle", "SupernetTrainConfig", "train", "DataSpec", "TextTrainConfig",
+    "train_digits", "SST2TrainConfig", "train_sst2", "TextEncoder",
     "Budget", "Route", "RouterRuntime",
     "RayEngine", "EngineConfig", "PlacementConfig", "ActorPlacement", "ServerConfig", "InferRequest", "InferResult",
     "Client", "AsyncClient",
     "DynarouteError", "InvalidInputError", "ModelNotFoundError", "OverloadedError", "UnavailableError",
-    "DeadlineError", "UnauthenticatedError", "BundleError",
+    "DeadlineError", "UnauthenticatedError", "BundleError", "DataError",
 ]  # fmt: skip
 
 
@@ -81,8 +85,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from dynaroute.bundle import Bundle
     from dynaroute.client import AsyncClient, Client
     from dynaroute.config import ActorPlacement, EngineConfig, PlacementConfig, ServerConfig
+    from dynaroute.datasets.dataset import DataSpec
     from dynaroute.errors import (
         BundleError,
+        DataError,
         DeadlineError,
         DynarouteError,
         InvalidInputError,
@@ -99,6 +105,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from dynaroute.router.policy import Route
     from dynaroute.router.runtime import RouterRuntime
     from dynaroute.text import TextEncoder
-    from dynaroute.train.digits import train_digits
-    from dynaroute.train.supernet import SupernetTrainConfig
-    from dynaroute.train.text import SST2TrainConfig, train_sst2
+    from dynaroute.training.digits import train_digits
+    from dynaroute.training.pipeline import train
+    from dynaroute.training.sst2 import SST2TrainConfig, train_sst2
+    from dynaroute.training.supernet import SupernetTrainConfig
+    from dynaroute.training.text import TextTrainConfig

@@ -5,45 +5,104 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-# `train` options that only one task reads: given to the other, they would be ignored silently.
-SST2_ONLY = ("data", "max_length", "max_examples", "base_model", "steps", "teacher_epochs", "teacher_steps",
-             "width_steps", "depth_steps", "val_examples", "router_examples", "test_examples", "batch_size", "threads")
-DIGITS_ONLY = ("paths",)
+if TYPE_CHECKING:
+    from dynaroute.experts.mlp import MLPConfig
+
+# `train` options by what reads them: given where nothing reads them, they would be ignored silently.
+TEXT_ONLY = ("max_length", "max_examples", "base_model", "steps", "teacher_epochs", "teacher_steps", "width_steps",
+             "depth_steps", "router_examples", "batch_size", "threads")
+SST2_ONLY = ("val_examples", "test_examples")
+TABULAR_ONLY = ("paths", "hidden", "blocks", "widths")
+FILES_ONLY = ("validation", "test", "text_column", "feature_columns", "label_column", "val_fraction", "test_fraction")
+
+
+def _flags(names: tuple[str, ...]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def _refused(args: argparse.Namespace) -> str | None:
+    """Why these `train` options do not go together, or None."""
+    if args.task == "digits":
+        unread, what = ("data", "family", *TEXT_ONLY, *SST2_ONLY, *FILES_ONLY), "`train digits`"
+    elif args.task == "sst2":
+        unread, what = ("family", *TABULAR_ONLY, *FILES_ONLY), "`train sst2` (a text recipe)"
+    elif args.data is None:
+        return "dynaroute train: give --data FILE (CSV, TSV, JSON Lines or .npz), or a recipe: digits, sst2"
+    elif args.text_column is not None:
+        unread, what = ("family", *TABULAR_ONLY, *SST2_ONLY), "text data (--text-column)"
+    elif args.family is not None:
+        unread, what = (*TEXT_ONLY, *SST2_ONLY, *TABULAR_ONLY), "a --family of your own (set its config in Python)"
+    else:
+        unread, what = (*TEXT_ONLY, *SST2_ONLY), "tabular data (no --text-column)"
+    ignored = tuple(name for name in unread if getattr(args, name) is not None)
+    return f"dynaroute train: {_flags(ignored)} do not apply to {what}" if ignored else None
+
+
+def _mlp_config(args: argparse.Namespace) -> MLPConfig:
+    from dynaroute.experts.mlp import MLPConfig
+
+    options = {"num_paths": args.paths, "hidden": args.hidden, "num_blocks": args.blocks,
+               "widths": tuple(float(w) for w in args.widths.split(",")) if args.widths else None}
+    return MLPConfig(**{k: v for k, v in options.items() if v is not None})
 
 
 def _train(args: argparse.Namespace) -> int:
-    others_only = SST2_ONLY if args.task == "digits" else DIGITS_ONLY
-    ignored = [name for name in others_only if getattr(args, name) is not None]
-    if ignored:
-        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
-        other = "sst2" if args.task == "digits" else "digits"
-        from dynaroute import logs
+    from dynaroute import logs
+    from dynaroute.errors import DynarouteError
 
-        logs.error_line(__name__, f"dynaroute train {args.task}: {flags} only apply to `train {other}`")
+    refused = _refused(args)
+    if refused:
+        logs.error_line(__name__, refused)
         return 2
+    try:
+        return _run_train(args)
+    except (DynarouteError, ValueError) as e:  # bad data or a bad option: one line, no bundle, no traceback
+        logs.error_line(__name__, f"dynaroute train: {e}")
+        return 2
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dynaroute.training.supernet import SupernetTrainConfig
+
+    if args.task == "sst2":
+        from dynaroute.training.sst2 import main_sst2
+
+        return main_sst2(args)
+    tabular_cfg = SupernetTrainConfig(epochs=args.epochs or SupernetTrainConfig.epochs, seed=args.seed)
     if args.task == "digits":
-        from dynaroute.experts.mlp import MLPConfig
-        from dynaroute.train.digits import train_digits
-        from dynaroute.train.supernet import SupernetTrainConfig
+        from dynaroute.training.digits import train_digits
 
-        bundle = train_digits(
-            args.out,
-            MLPConfig(num_paths=1 if args.paths is None else args.paths),
-            SupernetTrainConfig(epochs=args.epochs or SupernetTrainConfig.epochs, seed=args.seed),
-            name=args.name or "digits",
+        bundle = train_digits(args.out, _mlp_config(args), tabular_cfg, name=args.name or "digits",
+                              run_dir=args.run_dir)
+    else:
+        import torch
+
+        from dynaroute.training.pipeline import train
+        from dynaroute.training.sst2 import config_from_args
+
+        text = args.text_column is not None
+        if text:
+            torch.set_num_threads(max(1, int(args.threads or torch.get_num_threads())))
+        bundle = train(
+            args.data, args.out, validation=args.validation, test=args.test, label_column=args.label_column,
+            text_column=args.text_column,
+            feature_columns=[c.strip() for c in args.feature_columns.split(",")] if args.feature_columns else None,
+            val_fraction=args.val_fraction or 0.2, test_fraction=args.test_fraction or 0.2, seed=args.seed,
+            family=args.family,
+            name=args.name, run_dir=args.run_dir, model_config=None if text or args.family else _mlp_config(args),
+            train_config=config_from_args(args) if text else tabular_cfg, base_model=args.base_model,
+            steps_cap=args.steps,
         )
-        print(f"wrote bundle {bundle.name!r} to {args.out} in {bundle.manifest['train_seconds']} s")
-        return 0
-    from dynaroute.train.text import SST2TrainConfig, main_sst2
-
-    if args.max_length is None:
-        args.max_length = SST2TrainConfig.max_length
-    return main_sst2(args)
+    full = bundle.subnet_info(bundle.full_subnet)
+    print(f"wrote bundle {bundle.name!r} to {args.out} in {bundle.manifest['train_seconds']} s; "
+          f"labels {bundle.labels}; full model test accuracy {full['test_accuracy']:.4f}")
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dynaroute.train.report import main_eval
+    from dynaroute.training.report import main_eval
 
     return main_eval(args)
 
@@ -129,37 +188,55 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[*parents, *common],
                               formatter_class=HelpFormatter)
 
-    p = command("train", "train a supernet and its router, write a bundle")
-    p.add_argument("task", choices=["digits", "sst2"], help="digits (sklearn's, built in) or sst2 (GLUE's, --data)")
+    p = command("train", "train a supernet and its router on a data file or a recipe, write a bundle")
+    p.add_argument("task", nargs="?", choices=["digits", "sst2"], default=None,
+                   help="a named recipe; omit it to train on --data FILE")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--name", default=None, help="model name (default: the task)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and sampling")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: digits 80, sst2 1)")
-    p.add_argument("--paths", type=int, default=None, help="digits: number of path branches (default: 1)")
-    p.add_argument("--data", default=None, help="sst2: folder with GLUE's train.tsv and dev.tsv (default: none, "
-                   "required for sst2)")
-    p.add_argument("--max-length", type=int, default=None, help="sst2: maximum tokens per sentence (default: 64)")
-    p.add_argument("--max-examples", type=int, default=None,
-                   help="sst2: use at most this many training examples (default: all)")
-    p.add_argument("--base-model", default=None, help="sst2: local BERT folder (default: all-MiniLM-L6-v2)")
-    p.add_argument("--steps", type=int, default=None, help="sst2: cap the steps of each stage, for tiny runs "
-                   "(default: no cap)")
-    p.add_argument("--teacher-epochs", type=float, default=None,
-                   help="sst2: epochs of the teacher stage (default: --epochs)")
-    p.add_argument("--teacher-steps", type=int, default=None,
-                   help="sst2: cap the teacher stage's steps (default: no cap)")
-    p.add_argument("--width-steps", type=int, default=None,
-                   help="sst2: cap the width-adaptive stage's steps (default: no cap)")
-    p.add_argument("--depth-steps", type=int, default=None,
-                   help="sst2: cap the width-and-depth stage's steps (default: no cap)")
-    p.add_argument("--val-examples", type=int, default=None,
-                   help="sst2: rows of train.tsv held out for validation and calibration (default: 2000)")
-    p.add_argument("--router-examples", type=int, default=None,
-                   help="sst2: rows of train.tsv held out to train the router (default: 4000)")
-    p.add_argument("--test-examples", type=int, default=None,
-                   help="sst2: use at most this many dev.tsv rows (default: all)")
-    p.add_argument("--batch-size", type=int, default=None, help="sst2: training batch size (default: 32)")
-    p.add_argument("--threads", type=int, default=None, help="sst2: torch threads (default: torch's)")
+    p.add_argument("--run-dir", default=None,
+                   help="the run's checkpoints, for resuming (default: <out>.run beside the bundle)")
+    p.add_argument("--name", default=None, help="model name (default: the task, or the data file's name)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and the training")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: tabular 80, text 1)")
+    d = p.add_argument_group("data files (dynaroute train --data FILE)")
+    d.add_argument("--data", default=None,
+                   help="training data: .csv, .tsv, .jsonl or .npz (arrays X, y); sst2: the folder with train.tsv and "
+                   "dev.tsv")
+    d.add_argument("--validation", default=None, help="validation file (default: split off --data)")
+    d.add_argument("--test", default=None, help="test file (default: split off --data)")
+    d.add_argument("--label-column", default=None, help="the label column (default: label; y in .npz)")
+    d.add_argument("--text-column", default=None, help="the text column: text classification with DynaBERT")
+    d.add_argument("--feature-columns", default=None,
+                   help="comma-separated numeric feature columns (tabular; default: every column but the label)")
+    d.add_argument("--val-fraction", type=float, default=None,
+                   help="share of each class split off for validation without --validation (default 0.2)")
+    d.add_argument("--test-fraction", type=float, default=None,
+                   help="share of each class split off for test without --test (default 0.2)")
+    m = p.add_argument_group("tabular model (the slimmable MLP; digits too)")
+    m.add_argument("--family", default=None,
+                   help="train another supernet family on tabular data: a built-in name, an import path "
+                   "`package.module:Class` or a `dynaroute.families` entry point, sized from the data with its "
+                   "config's defaults (default: the slimmable MLP)")
+    m.add_argument("--paths", type=int, default=None, help="number of path branches (default 1)")
+    m.add_argument("--hidden", type=int, default=None, help="hidden neurons at full width (default 256)")
+    m.add_argument("--blocks", type=int, default=None, help="blocks, each with an exit: the depths (default 3)")
+    m.add_argument("--widths", default=None, help="comma-separated width fractions, 1 among them (default "
+                   "0.25,0.5,0.75,1)")
+    t = p.add_argument_group("text model (DynaBERT; --text-column and sst2)")
+    t.add_argument("--max-length", type=int, default=None, help="maximum tokens per text (default 64)")
+    t.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples")
+    t.add_argument("--base-model", default=None,
+                   help="local BERT folder with config.json, *.safetensors, tokenizer.json (default: all-MiniLM-L6-v2)")
+    t.add_argument("--steps", type=int, default=None, help="cap the steps of each stage (tiny runs)")
+    t.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher stage")
+    t.add_argument("--teacher-steps", type=int, default=None, help="cap the teacher stage's steps")
+    t.add_argument("--width-steps", type=int, default=None, help="cap the width-adaptive stage's steps")
+    t.add_argument("--depth-steps", type=int, default=None, help="cap the width-and-depth stage's steps")
+    t.add_argument("--router-examples", type=int, default=None,
+                   help="training rows held out for the router (default: 4000, at most a fifth)")
+    t.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    t.add_argument("--val-examples", type=int, default=None, help="sst2: rows of train.tsv held out for validation")
+    t.add_argument("--test-examples", type=int, default=None, help="sst2: use at most this many dev.tsv rows")
     p.set_defaults(func=_train)
 
     p = command("eval", "evaluate a bundle: subnets, dynamic model, oracle")
@@ -167,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", default=None, help="where to write pareto.png and report.json (default: the bundle)")
     p.add_argument("--data", default=None,
-                   help="the evaluation data's folder (e.g. SST-2's, with train.tsv and dev.tsv); default: the path "
-                   "the bundle's manifest records")
+                   help="a labelled file (.csv, .tsv, .jsonl, .npz) in the bundle's input format to test on, or an "
+                   "SST-2 bundle's folder (train.tsv and dev.tsv); default: the data the manifest records")
+    p.add_argument("--label-column", default=None, help="--data's label column (default: the one trained on)")
+    p.add_argument("--text-column", default=None, help="--data's text column (default: the one trained on)")
+    p.add_argument("--feature-columns", default=None,
+                   help="--data's comma-separated feature columns, in the bundle's order (default: its features)")
     p.set_defaults(func=_eval)
 
     p = command("export", "export a bundle's subnets for an expert backend (ONNX Runtime fp32, int8)")

@@ -110,7 +110,7 @@ def main_demo(args: argparse.Namespace) -> int:
 
     bundle = Path(args.bundle)
     if not (bundle / "manifest.json").is_file():
-        from dynaroute.train.digits import train_digits
+        from dynaroute.training.digits import train_digits
 
         print(f"training the digits bundle into {bundle} (once) ...", flush=True)
         train_digits(bundle)

@@ -39,6 +39,23 @@ class BundleError(DynarouteError):
     """A bundle directory is missing a file, has an unknown schema or mismatched weights."""
 
 
+class DataError(DynarouteError, ValueError):
+    """A training or evaluation data file is unreadable or holds a bad value. The message names
+    the file, and where it applies the row (data rows count from 1, the header is not one) and
+    the column, so that the user can find and fix it."""
+
+    def __init__(self, message: str, file: str | None = None, row: int | None = None, column: str | None = None):
+        where = ", ".join(
+            part for part in (
+                repr(str(file)) if file is not None else None,
+                f"row {row}" if row is not None else None,
+                f"column {column!r}" if column is not None else None,
+            ) if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file, self.row, self.column = file, row, column
+
+
 # How much of a client's value an error message repeats: enough to recognise it, never so much
 # that the status details outgrow a client's metadata limit (gRPC's default is 8 KiB).
 ECHO_CHARS = 64

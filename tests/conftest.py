@@ -14,7 +14,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 @pytest.fixture(scope="session")
 def digits_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default digits bundle (one path), trained once for the whole test session."""
-    from dynaroute.train.digits import train_digits
+    from dynaroute.training.digits import train_digits
 
     out = tmp_path_factory.mktemp("bundles") / "digits"
     train_digits(out, progress=False)
@@ -25,8 +25,8 @@ def digits_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_paths_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mixture-of-paths digits bundle (two branches), for top-k path routing."""
     from dynaroute.experts.mlp import MLPConfig
-    from dynaroute.train.digits import train_digits
-    from dynaroute.train.supernet import SupernetTrainConfig
+    from dynaroute.training.digits import train_digits
+    from dynaroute.training.supernet import SupernetTrainConfig
 
     out = tmp_path_factory.mktemp("bundles") / "digits_paths"
     train_digits(out, MLPConfig(num_paths=2), SupernetTrainConfig(epochs=40), name="digits-paths", progress=False)
@@ -103,7 +103,7 @@ def sst2_tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     trained once for the session (~20 s at one torch thread)."""
     import torch
 
-    from dynaroute.train.text import SST2TrainConfig, train_sst2
+    from dynaroute.training.sst2 import SST2TrainConfig, train_sst2
     from tests.sst2_sample import sst2_data
 
     root = tmp_path_factory.mktemp("bundles")

@@ -2,7 +2,7 @@
 
 `fit_router` is generic over the router module and its inputs (a tensor, or an (ids, mask)
 tuple per split); `fit_router_and_calibrate` is the digits pipeline's call. Both ways of
-training are run and compared (see dynaroute/train/router.py): the joint fine-tune starts, on
+training are run and compared (see dynaroute/training/router.py): the joint fine-tune starts, on
 copies, from the supervised router and the trained supernet and is calibrated the same way,
 so the two differ only by the joint step. The bundle keeps the supervised router on the
 supernet as trained: keeping the joint one would also replace the shared weights and so every
@@ -30,8 +30,8 @@ from dynaroute.router.cascade import pareto_ladder
 from dynaroute.router.model import MLPRouter, MLPRouterConfig, Router
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
-from dynaroute.train.evaluate import subnet_probs
-from dynaroute.train.router import (
+from dynaroute.training.evaluate import subnet_probs
+from dynaroute.training.router import (
     JointTrainConfig,
     RouterTrainConfig,
     correctness_targets,
@@ -190,9 +190,12 @@ def fit_router_and_calibrate(
     out: Path,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Digits: an MLP router on the raw input, both trainings compared, the supervised kept."""
+    """Tabular (digits too): an MLP router on the model's input, both trainings compared, the
+    supervised kept. Any tabular family: its config's `in_features` and, when it scales its
+    inputs (the slimmable MLP on digits), `input_scale`."""
     cfg = model.config
-    router_config = MLPRouterConfig(cfg.in_features, len(subnets), cfg.num_paths, input_scale=cfg.input_scale)
+    router_config = MLPRouterConfig(cfg.in_features, len(subnets), model.num_paths,
+                                    input_scale=getattr(cfg, "input_scale", 1.0))
     torch.manual_seed(0)
     inputs = {k: torch.as_tensor(getattr(splits, k).x) for k in ("train", "val", "test")}
     return fit_router(

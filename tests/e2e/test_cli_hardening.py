@@ -358,9 +358,14 @@ def test_infer_into_a_closed_pipe_exits_quietly(digits_server, tmp_path: Path, e
 def test_train_refuses_options_of_the_other_task(tmp_path: Path) -> None:
     done = cli("train", "digits", "--out", str(tmp_path / "b"), "--data", str(tmp_path), "--max-length", "32")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "--data, --max-length only apply to `train sst2`" in done.stderr
+    assert "--data, --max-length do not apply to `train digits`" in done.stderr
     done = cli("train", "sst2", "--out", str(tmp_path / "b"), "--paths", "2")
-    assert done.returncode == 2 and "--paths only apply to `train digits`" in done.stderr, done.stderr
+    assert done.returncode == 2 and "--paths do not apply to `train sst2`" in done.stderr, done.stderr
+    done = cli("train", "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "b"), "--max-length", "32")
+    assert done.returncode == 2 and "--max-length do not apply to tabular data" in done.stderr, done.stderr
+    done = cli("train", "--data", str(tmp_path / "d.tsv"), "--text-column", "t", "--out", str(tmp_path / "b"),
+               "--hidden", "8")
+    assert done.returncode == 2 and "--hidden do not apply to text data" in done.stderr, done.stderr
     assert not (tmp_path / "b").exists()
 
 

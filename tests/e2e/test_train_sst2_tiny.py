@@ -54,13 +54,16 @@ def test_train_sst2_tiny_writes_a_servable_text_bundle(tmp_path: Path) -> None:
     assert m["router"]["flops"] <= 0.02 * bundle.full_flops  # the router costs at most 2% of the full model
     assert m["calibration"]["tables"]
 
-    # every training stage was checkpointed: a rerun trains nothing again and writes the same model
-    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    # every training stage was checkpointed in the run folder beside the bundle, not in it: a rerun
+    # trains nothing again and writes the same model
+    run = tmp_path / "sst2.run"
+    assert not (out / "checkpoints").exists() and not list(out.glob("*.partial.*"))
+    state = json.loads((run / "state.json").read_text())
     assert state["done"][:4] == ["teacher", "rewire", "width", "depth"]
     weights = (out / "supernet.safetensors").read_bytes()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((out / "checkpoints" / "state.json").read_text())["info"] == state["info"]
+    assert json.loads((run / "state.json").read_text())["info"] == state["info"]
     assert (out / "supernet.safetensors").read_bytes() == weights
 
     # the bundle serves text: tokenise with its tokenizer, run an extracted subnet

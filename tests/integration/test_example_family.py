@@ -1,5 +1,6 @@
 """A supernet family the project does not ship (examples/tabular_resnet.py), end to end: trained
-briefly with dynaroute's building blocks, named by import path in the manifest, evaluated, served
+briefly by `dynaroute.train` from a CSV, named by import path in the manifest, evaluated (in
+process and by `dynaroute eval`), served
 by `dynaroute serve` on real local Ray (whose expert actors find the family by that name) and
 answered over gRPC, native and KServe, from the raw feature values."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -17,10 +20,10 @@ import torch
 from dynaroute.bundle import Bundle
 from dynaroute.client import Client
 from dynaroute.experts.spec import SubnetSpec
-from dynaroute.train.digits import torch_threads
-from dynaroute.train.supernet import SupernetTrainConfig
+from dynaroute.training.supernet import SupernetTrainConfig
+from dynaroute.training.tabular import torch_threads
 from examples.tabular_resnet import SlimmableTabularResNet
-from examples.train_wine import evaluate, train_wine, wine_splits
+from examples.train_wine import evaluate, held_out_rows, train_wine
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,8 +40,12 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_split() -> tuple[np.ndarray, np.ndarray]:
-    return wine_splits()[0]["test"]
+def test_split(bundle_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    return held_out_rows(bundle_dir.parent / "wine.csv")
+
+
+def with_repo_on_path() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def server(bundle_dir: Path):
     # As a user would: the family's package on PYTHONPATH, which the gateway and, through the
     # Ray it starts, every expert actor inherit.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        mp.setenv("PYTHONPATH", with_repo_on_path()["PYTHONPATH"])
         s = ServerProcess.start(bundle_dir)
     yield s
     s.stop()
@@ -77,6 +84,15 @@ def test_it_evaluates_from_raw_values_and_the_router_saves_compute(bundle_dir: P
         encoded = model(torch.as_tensor(bundle.codec().encode(list(x_raw)).batch), spec).argmax(-1).numpy()
         unencoded = model(torch.as_tensor(x_raw), spec).argmax(-1).numpy()
     assert (encoded == test_split[1]).mean() > (unencoded == test_split[1]).mean()
+
+
+def test_dynaroute_eval_reads_the_recorded_test_rows_and_finds_the_family(bundle_dir: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "dynaroute", "eval", str(bundle_dir), "--json", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=with_repo_on_path(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["labels"] == ["class_0", "class_1", "class_2"]
+    assert (tmp_path / "pareto.png").stat().st_size > 0
 
 
 def test_served_on_ray_it_answers_raw_rows_over_grpc(server, bundle_dir: Path, test_split) -> None:

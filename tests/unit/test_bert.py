@@ -243,7 +243,7 @@ def test_replay_uses_the_exits_of_non_prefix_subnets() -> None:
 def test_every_training_step_runs_the_largest_and_smallest_width_and_each_middle_one_gets_its_turn() -> None:
     import random
 
-    from dynaroute.train.text import sandwich_widths
+    from dynaroute.training.distill import sandwich_widths
 
     widths = [0.25, 0.5, 0.75, 1.0]
     rng = random.Random(0)

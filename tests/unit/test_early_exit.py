@@ -12,7 +12,7 @@ import torch
 from dynaroute.bundle import Bundle, save_weights, write_manifest
 from dynaroute.experts.actor import ExpertWorker
 from dynaroute.experts.mlp import MLPConfig, SlimmableMLP
-from dynaroute.train.evaluate import describe_subnets
+from dynaroute.training.evaluate import describe_subnets
 
 DEEP = "w0.5-d3-p0"
 

@@ -78,7 +78,7 @@ def test_subnet_names_round_trip() -> None:
 
 def test_supernet_training_is_seeded_and_reproducible() -> None:
     from dynaroute.data import load_digits_splits
-    from dynaroute.train.supernet import SupernetTrainConfig, train_supernet
+    from dynaroute.training.supernet import SupernetTrainConfig, train_supernet
 
     train = load_digits_splits().train
     runs = []

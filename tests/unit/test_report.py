@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dynaroute.router.replay import SubnetOutputs
-from dynaroute.train.report import frontier_check, oracle, static_frontier
+from dynaroute.training.report import frontier_check, oracle, static_frontier
 
 STATIC = [
     {"name": "a", "flops": 10, "val_accuracy": 0.91, "test_accuracy": 0.90},

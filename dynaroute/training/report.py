@@ -18,44 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from dynaroute.bundle import Bundle
-from dynaroute.errors import BundleError
+from dynaroute.errors import DynarouteError
 from dynaroute.router.budget import Budget
 from dynaroute.router.calibration import AUTO, OperatingPoint, accuracy_and_cost, default_thresholds, pareto
 from dynaroute.router.fit import NEAR_FULL_GAP, router_scores
 from dynaroute.router.policy import make_policy
 from dynaroute.router.replay import SubnetOutputs
 from dynaroute.router.runtime import RouterRuntime
-from dynaroute.train.evaluate import subnet_probs
+from dynaroute.training.evaldata import eval_data
+from dynaroute.training.evaluate import subnet_probs
 
 BUDGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def _digits_data(bundle: Bundle, data_path: Path | None = None) -> dict[str, Any]:
-    from dynaroute.data import load_digits_splits
-
-    s = load_digits_splits()
-    return {k: (torch.as_tensor(getattr(s, k).x), getattr(s, k).y) for k in ("val", "test")}
-
-
-# manifest data name -> loader(bundle, data_path) of {"val": (inputs, labels), "test": (inputs, labels)},
-# optionally with "subnet_probs": (model, split name) -> {subnet or f"{subnet}@{exit}": softmax}
-# for models whose early exits are not the shallower subnets (DynaBERT). data_path is
-# `dynaroute eval --data`, None when not given (the loader then uses what the manifest records).
-EvalLoader = Callable[[Bundle, Path | None], dict[str, Any]]
-EVAL_DATA: dict[str, EvalLoader] = {"sklearn digits": _digits_data}
-
-
-def register_eval_data(name: str, loader: EvalLoader) -> None:
-    """Let `dynaroute eval` read the validation and test splits of another data set."""
-    EVAL_DATA[name] = loader
 
 
 def static_frontier(rows: list[dict[str, Any]], key: str = "val_accuracy") -> list[dict[str, Any]]:
@@ -102,7 +81,11 @@ def oracle(outputs: SubnetOutputs, labels: np.ndarray, full_flops: int) -> dict[
             "flops_ratio": float(spent.mean() / full_flops)}
 
 
-def build_report(bundle: Bundle, data_path: str | Path | None = None) -> dict[str, Any]:
+def build_report(bundle: Bundle, data_path: str | Path | None = None,
+                 reading: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of `dynaroute eval`. The test split is the bundle's own, or the labelled file
+    `data_path` (read with the `reading` column options over the manifest's); subnet test
+    accuracies are measured on it, validation accuracies are the bundle's."""
     m = bundle.manifest
     full_flops = bundle.full_flops
     subnets = [
@@ -112,22 +95,21 @@ def build_report(bundle: Bundle, data_path: str | Path | None = None) -> dict[st
         | {"latency_ms": {b: {n: bundle.latency_ms(r["name"], b, n) for n in (1, 32)} for b in bundle.backends}}
         for r in bundle.subnet_infos
     ]
-    report: dict[str, Any] = {"model": bundle.name, "full_subnet": bundle.full_subnet, "full_flops": full_flops,
-                              "subnets": subnets}
+    report: dict[str, Any] = {"model": bundle.name, "labels": list(bundle.labels), "full_subnet": bundle.full_subnet,
+                              "full_flops": full_flops, "subnets": subnets}
     if "router" not in m:
         return report
-    import dynaroute.train.text  # noqa: F401  (registers the SST-2 loader)
-
-    data_name = m.get("data", {}).get("name")
-    if data_name not in EVAL_DATA:
-        raise BundleError(f"no evaluation data registered for {data_name!r}; known: {sorted(EVAL_DATA)}")
-    data = EVAL_DATA[data_name](bundle, Path(data_path) if data_path else None)
+    data = eval_data(bundle, data_path, reading)
     model = bundle.supernet()
     runtime = RouterRuntime.from_bundle(bundle, backend="torch")  # the outputs evaluated here are torch's
     table = runtime.calibration
     test_x, test_y = data["test"]
     probs_of = data.get("subnet_probs")
-    outputs = SubnetOutputs(probs_of(model, "test") if probs_of else subnet_probs(model, test_x), bundle.subnet_infos)
+    test_probs = probs_of(model, "test") if probs_of else subnet_probs(model, test_x)
+    for s in subnets:  # measured here: the test split may be another file than the bundle's
+        s["test_accuracy"] = float((test_probs[s["name"]].argmax(-1) == test_y).mean())
+    report["test_data"] = {"file": str(data_path) if data_path else None, "rows": int(len(test_y))}
+    outputs = SubnetOutputs(test_probs, bundle.subnet_infos)
     scores = router_scores(runtime.router, test_x)
     val_scores = router_scores(runtime.router, data["val"][0])
     policies = {name: make_policy(name, outputs.names, outputs.flops, **table.options.get(name, {}))
@@ -153,7 +135,7 @@ def build_report(bundle: Bundle, data_path: str | Path | None = None) -> dict[st
     calibrated = [{"policy": p.policy, "threshold": p.threshold, **on_test(p.policy, p.threshold)}
                   for p in table.table(AUTO)]
     frontier = static_frontier(subnets)
-    full_acc = bundle.subnet_info(bundle.full_subnet)["test_accuracy"]
+    full_acc = next(s["test_accuracy"] for s in subnets if s["name"] == bundle.full_subnet)
     near = [p for p in envelope_rows if p["accuracy"] >= full_acc - NEAR_FULL_GAP - 1e-12]
     near_budget = [d for d in dynamic if d["accuracy"] >= full_acc - NEAR_FULL_GAP - 1e-12]
     smallest = min(r["flops"] for r in subnets)
@@ -255,9 +237,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main_eval(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
+    reading = {"label_column": getattr(args, "label_column", None), "text_column": getattr(args, "text_column", None),
+               "feature_columns": [c.strip() for c in args.feature_columns.split(",")]
+               if getattr(args, "feature_columns", None) else None}
     try:
-        report = build_report(bundle, getattr(args, "data", None))
-    except BundleError as e:  # e.g. the evaluation data is missing: say what is needed, no traceback
+        report = build_report(bundle, getattr(args, "data", None), reading)
+    except DynarouteError as e:  # the evaluation data is missing or bad: say what is needed, no traceback
         print(f"dynaroute eval: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else bundle.root

@@ -11,6 +11,9 @@ import torch
 from dynaroute.experts.base import DynamicModel
 from dynaroute.experts.flops import count_flops, count_params, exit_flops
 from dynaroute.experts.spec import SubnetSpec
+from dynaroute.progress import progress_bar
+from dynaroute.text import TextEncoder
+from dynaroute.training.textdata import TextSplit
 
 
 @torch.no_grad()
@@ -73,3 +76,41 @@ def describe_subnets(
         row["latency_ms"] = median_latency_ms(sub, example) if measure_latency else None
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def text_subnet_probs(
+    model: DynamicModel, split: TextSplit, encoder: TextEncoder, batch_size: int = 64, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """Softmax outputs of every subnet on a split, length-bucketed: name -> [N, classes], and
+    f"{name}@{j}" -> the output at its exit j < depth (early exit inside an expert; DynaBERT's
+    shallow subnets keep other layers, so these are not the shallower subnets' outputs)."""
+    model.eval()
+    lengths = encoder.lengths(split.texts)
+    order = sorted(range(len(split)), key=lambda i: lengths[i])
+    out: dict[str, np.ndarray] = {}
+    for start in progress_bar(range(0, len(order), batch_size), desc="evaluate", unit="batch", enabled=progress):
+        idx = order[start : start + batch_size]
+        x = encoder.encode([split.texts[i] for i in idx])
+        for spec in model.subnets():
+            exits = model.forward_exits(x, spec.width, depth=spec.depth)
+            for j, logits in enumerate(exits, start=1):
+                key = spec.name if j == len(exits) else f"{spec.name}@{j}"
+                if key not in out:
+                    out[key] = np.zeros((len(split), model.config.num_classes), np.float32)
+                out[key][idx] = torch.softmax(logits, -1).numpy()
+    return out
+
+
+@torch.no_grad()
+def full_accuracy(model: DynamicModel, split: TextSplit, encoder: TextEncoder, batch_size: int = 64) -> float:
+    """Accuracy of the full-width, full-depth model (progress reports between stages)."""
+    model.eval()
+    lengths = encoder.lengths(split.texts)
+    order = sorted(range(len(split)), key=lambda i: lengths[i])
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        logits = model.forward_exits(encoder.encode([split.texts[i] for i in idx]), 1.0)[-1]
+        correct += int((logits.argmax(-1).numpy() == split.y[idx]).sum())
+    return correct / len(split)

@@ -1,1 +1,0 @@
-"""Training: supernets, routers, evaluation and the accuracy-compute report."""
