@@ -85,17 +85,14 @@ def made_inputs(bundle: Bundle, n: int, seed: int = 0) -> Any:
 
 
 def eval_data(bundle: Bundle, data_path: str | Path | None) -> dict[str, Any] | None:
-    """The validation and test splits `dynaroute eval` reads, or None when the bundle names no
-    readable data (say, the SST-2 folder is elsewhere and --data was not given)."""
-    import dynaroute.train.text  # noqa: F401  (registers the SST-2 loader)
-    from dynaroute.train.report import EVAL_DATA
+    """The validation and test splits `dynaroute eval` reads (`--data` as for eval), or None when
+    the bundle's data cannot be read (say, the SST-2 folder is elsewhere and --data was not given)."""
+    from dynaroute.errors import DataError
+    from dynaroute.training.evaldata import eval_data as read_eval_data
 
-    name = bundle.manifest.get("data", {}).get("name")
-    if name not in EVAL_DATA:
-        return None
     try:
-        return EVAL_DATA[name](bundle, Path(data_path) if data_path else None)
-    except BundleError:
+        return read_eval_data(bundle, data_path)
+    except (BundleError, DataError):
         return None
 
 

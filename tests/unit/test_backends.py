@@ -19,7 +19,7 @@ from dynaroute.errors import BundleError
 from dynaroute.experts.actor import ExpertWorker
 from dynaroute.experts.backends import make_backend
 from dynaroute.export import accuracy, eval_data, export_bundle, rows_of
-from dynaroute.train.report import build_report, format_table
+from dynaroute.training.report import build_report, format_table
 
 DEEP = "w0.5-d3-p0"
 SST2_SUBNETS = ["w0.25-d3-p0", "w0.5-d4-p0", "w1-d6-p0"]  # what conftest's sst2_exported_dir exports
