@@ -254,14 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export", "export a bundle's subnets for an expert backend (ONNX Runtime fp32, int8)")
     p.add_argument("bundle", help="bundle directory")
-    p.add_argument("--backend", required=True, choices=["onnx", "int8"])
+    p.add_argument("--backend", required=True, choices=["onnx", "int8"],
+                   help="onnx: ONNX Runtime fp32; int8: ONNX Runtime with dynamically quantised int8 weights")
     p.add_argument("--subnets", nargs="+", default=None, help="export only these subnets (default: all)")
     p.add_argument("--data", default=None,
-                   help="the evaluation data's folder, as for `eval` (int8 re-measures every subnet's accuracy on it)")
+                   help="the evaluation data (folder or labelled file), as for `eval`: int8 re-measures every "
+                   "subnet's accuracy on it (default: the data the bundle's manifest records)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx.export's exporter (default: %(default)s, ~10x faster to export here)")
-    p.add_argument("--threads", type=int, default=1, help="threads of torch and ONNX Runtime while measuring latency")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per subnet, batch size and backend")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of torch and ONNX Runtime while measuring latency (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed runs per subnet, batch size and backend (default: %(default)s)")
     p.set_defaults(func=_export)
 
     p = command("serve", "serve a bundle over gRPC on Ray")
