@@ -264,6 +264,11 @@ def recalibrate(bundle: Bundle, modules: dict[str, StagedModule], data: dict[str
     if int(recorded.get("rows", len(val_y))) != len(val_y):
         return (f"not redone: the bundle was calibrated on {recorded.get('rows')} rows "
                 f"({recorded.get('rows_note', '')}), not the {len(val_y)} validation rows that can be read back")
+    # The same count could be other rows: torch's full model must also score what the table recorded.
+    torch_full = accuracy(bundle.supernet().extract(SubnetSpec.parse(bundle.full_subnet)).eval(), val_x, val_y)
+    if "full_accuracy" in recorded and abs(torch_full - float(recorded["full_accuracy"])) > 1e-9:
+        return (f"not redone: torch's full model scores {torch_full:.4f} on the validation rows read back, not the "
+                f"{float(recorded['full_accuracy']):.4f} the calibration recorded: they are other rows")
     probs: dict[str, np.ndarray] = {}
     for name, module in modules.items():
         exits = exit_probs(module, val_x)
