@@ -27,13 +27,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import grpc
-import numpy as np
+from loadgen import Sent, capacity, percentile_ms, served, steady
+from loadgen import open_loop as open_loop_at
 
 from dynaroute.bundle import Bundle
-from dynaroute.client import AsyncClient
-from dynaroute.demo import start_server
 
 SENTENCES = [
     "a gripping , funny and moving film that never lets its audience go",
@@ -43,51 +42,15 @@ SENTENCES = [
 ]
 
 
-def percentile_ms(seconds: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(seconds) * 1e3, q)) if seconds else float("nan")
-
-
-async def capacity(address: str, subnet: str, n: int, concurrency: int = 32) -> float:
-    async with AsyncClient(address, timeout_s=120) as c:
-        slots = asyncio.Semaphore(concurrency)
-
-        async def one(i: int) -> None:
-            async with slots:
-                await c.infer(text=SENTENCES[i % len(SENTENCES)], subnet=subnet)
-
-        await asyncio.gather(*(one(i) for i in range(concurrency)))  # warm up
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return n / (time.perf_counter() - t0)
+def pinned(subnet: str) -> Callable[[int], dict[str, Any]]:
+    """The i-th request: one of SENTENCES, `subnet` pinned."""
+    return lambda i: {"text": SENTENCES[i % len(SENTENCES)], "subnet": subnet}
 
 
 async def open_loop(address: str, subnet: str, rate: float, seconds: float, deadline_s: float,
-                    on_reply: Callable[[float, object], None] | None = None) -> list[tuple[float, str, float]]:
-    """(sent at, status name, latency s) of every request of an open loop: requests evenly spaced
-    at `rate`, each sent on time whatever the replies do. `on_reply(time, reply)` sees each OK."""
-    out: list[tuple[float, str, float]] = []
-    async with AsyncClient(address) as c:
-        async def one(i: int, t_sent: float) -> None:
-            try:
-                r = await c.infer(text=SENTENCES[i % len(SENTENCES)], subnet=subnet, timeout_s=deadline_s)
-                status = "OK"
-                if on_reply is not None:
-                    on_reply(time.monotonic(), r)
-            except grpc.aio.AioRpcError as e:
-                status = e.code().name
-            out.append((t_sent, status, time.monotonic() - t_sent))
-
-        tasks = []
-        start = time.monotonic()
-        i = 0
-        while (now := time.monotonic()) - start < seconds:
-            due = start + i / rate
-            if due > now:
-                await asyncio.sleep(due - now)
-            tasks.append(asyncio.create_task(one(i, time.monotonic())))
-            i += 1
-        await asyncio.gather(*tasks)
-    return out
+                    on_reply: Callable[[float, object], None] | None = None) -> list[Sent]:
+    """Requests evenly spaced at `rate` for `seconds`, `subnet` pinned (loadgen.open_loop)."""
+    return await open_loop_at(address, pinned(subnet), steady(rate, seconds), deadline_s, on_reply)
 
 
 def expert_pids() -> list[int]:
@@ -129,7 +92,7 @@ async def restart(address: str, subnet: str, rate: float, seconds: float) -> dic
     back = [t for t, f in replies if not f and fell_back and t > fell_back[0]]
     return {"killed_pid": busiest, "fallback_replies": len(fell_back),
             "back_after_s": (back[0] - t_kill) if back else None,
-            "statuses": Counter(s for _, s, _ in results)}
+            "statuses": Counter(r.status for r in results)}
 
 
 def main() -> int:
@@ -142,15 +105,14 @@ def main() -> int:
     args = parser.parse_args()
     bundle = Bundle.load(args.bundle)
     subnet = bundle.full_subnet
-    proc, address = start_server(Path(args.bundle))
-    try:
-        cap = asyncio.run(capacity(address, subnet, args.capacity_n))
+    with served(Path(args.bundle)) as address:
+        cap = asyncio.run(capacity(address, pinned(subnet), args.capacity_n))
         print(f"capacity, {subnet} pinned, 32 in flight: {cap:.1f} req/s")
         rate = args.factor * cap
         res = asyncio.run(open_loop(address, subnet, rate, args.seconds, args.deadline_s))
-        statuses = Counter(s for _, s, _ in res)
-        ok = [lat for _, s, lat in res if s == "OK"]
-        refused = [lat for _, s, lat in res if s == "RESOURCE_EXHAUSTED"]
+        statuses = Counter(r.status for r in res)
+        ok = [r.latency_s for r in res if r.status == "OK"]
+        refused = [r.latency_s for r in res if r.status == "RESOURCE_EXHAUSTED"]
         print(f"overload: {args.factor:g}x capacity ({rate:.0f} req/s offered) for {args.seconds:g} s, "
               f"{args.deadline_s:g} s deadlines, {len(res)} requests: {dict(statuses)}")
         ok_rate = len(ok) / args.seconds
@@ -164,9 +126,6 @@ def main() -> int:
               f"{r['fallback_replies']} replies served by a fallback; the full subnet answered again "
               f"{r['back_after_s'] if r['back_after_s'] is None else round(r['back_after_s'], 1)} s after the kill "
               f"(target < 10 s); statuses {dict(r['statuses'])}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
     return 0
 
 

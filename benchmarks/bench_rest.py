@@ -163,7 +163,7 @@ def main() -> int:
 
     path = Path(args.bundle)
     if not (path / "manifest.json").is_file():
-        from dynaroute.train.digits import train_digits
+        from dynaroute.training.digits import train_digits
 
         train_digits(path)
     bundle = Bundle.load(path)

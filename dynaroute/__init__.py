@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "PlacementConfig": "dynaroute.config",
     "ActorPlacement": "dynaroute.config",
     "ServerConfig": "dynaroute.config",
+    "SloConfig": "dynaroute.config",
     "InferRequest": "dynaroute.gateway.types",
     "InferResult": "dynaroute.gateway.types",
     "Client": "dynaroute.client",
@@ -61,7 +62,8 @@ __all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ st
     "SubnetSpec", "MLPConfig", "Bundle", "SupernetTrainConfig", "train", "DataSpec", "TextTrainConfig",
     "train_digits", "SST2TrainConfig", "train_sst2", "TextEncoder",
     "Budget", "Route", "RouterRuntime",
-    "RayEngine", "EngineConfig", "PlacementConfig", "ActorPlacement", "ServerConfig", "InferRequest", "InferResult",
+    "RayEngine", "EngineConfig", "PlacementConfig", "ActorPlacement", "ServerConfig", "SloConfig", "InferRequest",
+    "InferResult",
     "Client", "AsyncClient",
     "DynarouteError", "InvalidInputError", "ModelNotFoundError", "OverloadedError", "UnavailableError",
     "DeadlineError", "UnauthenticatedError", "BundleError", "DataError",
@@ -84,7 +86,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from dynaroute.bundle import Bundle
     from dynaroute.client import AsyncClient, Client
-    from dynaroute.config import ActorPlacement, EngineConfig, PlacementConfig, ServerConfig
+    from dynaroute.config import ActorPlacement, EngineConfig, PlacementConfig, ServerConfig, SloConfig
     from dynaroute.datasets.dataset import DataSpec
     from dynaroute.errors import (
         BundleError,

@@ -7,6 +7,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from dynaroute.config import SloConfig
+
 if TYPE_CHECKING:
     from dynaroute.experts.mlp import MLPConfig
 
@@ -200,11 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data files (dynaroute train --data FILE)")
     d.add_argument("--data", default=None,
                    help="training data: .csv, .tsv, .jsonl or .npz (arrays X, y); sst2: the folder with train.tsv and "
-                   "dev.tsv")
+                   "dev.tsv (default: none; required but for digits)")
     d.add_argument("--validation", default=None, help="validation file (default: split off --data)")
     d.add_argument("--test", default=None, help="test file (default: split off --data)")
     d.add_argument("--label-column", default=None, help="the label column (default: label; y in .npz)")
-    d.add_argument("--text-column", default=None, help="the text column: text classification with DynaBERT")
+    d.add_argument("--text-column", default=None,
+                   help="the text column: text classification with DynaBERT (default: none, tabular)")
     d.add_argument("--feature-columns", default=None,
                    help="comma-separated numeric feature columns (tabular; default: every column but the label)")
     d.add_argument("--val-fraction", type=float, default=None,
@@ -223,20 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.25,0.5,0.75,1)")
     t = p.add_argument_group("text model (DynaBERT; --text-column and sst2)")
     t.add_argument("--max-length", type=int, default=None, help="maximum tokens per text (default 64)")
-    t.add_argument("--max-examples", type=int, default=None, help="use at most this many training examples")
+    t.add_argument("--max-examples", type=int, default=None,
+                   help="use at most this many training examples (default: all)")
     t.add_argument("--base-model", default=None,
                    help="local BERT folder with config.json, *.safetensors, tokenizer.json (default: all-MiniLM-L6-v2)")
-    t.add_argument("--steps", type=int, default=None, help="cap the steps of each stage (tiny runs)")
-    t.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher stage")
-    t.add_argument("--teacher-steps", type=int, default=None, help="cap the teacher stage's steps")
-    t.add_argument("--width-steps", type=int, default=None, help="cap the width-adaptive stage's steps")
-    t.add_argument("--depth-steps", type=int, default=None, help="cap the width-and-depth stage's steps")
+    t.add_argument("--steps", type=int, default=None,
+                   help="cap the steps of each stage, for tiny runs (default: no cap)")
+    t.add_argument("--teacher-epochs", type=float, default=None, help="epochs of the teacher stage (default: --epochs)")
+    t.add_argument("--teacher-steps", type=int, default=None, help="cap the teacher stage's steps (default: no cap)")
+    t.add_argument("--width-steps", type=int, default=None,
+                   help="cap the width-adaptive stage's steps (default: no cap)")
+    t.add_argument("--depth-steps", type=int, default=None,
+                   help="cap the width-and-depth stage's steps (default: no cap)")
     t.add_argument("--router-examples", type=int, default=None,
                    help="training rows held out for the router (default: 4000, at most a fifth)")
-    t.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    t.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 32)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    t.add_argument("--val-examples", type=int, default=None, help="sst2: rows of train.tsv held out for validation")
-    t.add_argument("--test-examples", type=int, default=None, help="sst2: use at most this many dev.tsv rows")
+    t.add_argument("--val-examples", type=int, default=None,
+                   help="sst2: rows of train.tsv held out for validation (default: 2000)")
+    t.add_argument("--test-examples", type=int, default=None,
+                   help="sst2: use at most this many dev.tsv rows (default: all)")
     p.set_defaults(func=_train)
 
     p = command("eval", "evaluate a bundle: subnets, dynamic model, oracle")
@@ -300,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger requests get INVALID_ARGUMENT")
     p.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: time for in-flight calls to finish")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--slo-ms", type=float, default=None,
+                   help="latency objective: under load, budgets that allow it (a floor) are lowered to hold it "
+                   "(default: only requests' own deadlines)")
+    p.add_argument("--slo-lower-at", type=float, default=SloConfig.lower_at,
+                   help="lower budgets while the queue delay is at least this share of the objective "
+                   "(default: %(default)s)")
+    p.add_argument("--slo-restore-at", type=float, default=SloConfig.restore_at,
+                   help="restore them once it is at most this share (default: %(default)s) ...")
+    p.add_argument("--slo-hold-s", type=float, default=SloConfig.hold_s,
+                   help="... and nothing was lowered for this long (default: %(default)s)")
     p.add_argument("--ready-timeout-s", type=float, default=120.0,
                    help="how long to wait for a node that can hold the placement (on a joined cluster), then "
                    "for the expert actors to load")
@@ -326,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--subnet", help="pin one subnet by name, no routing (default: routed)")
     p.add_argument("--policy", default=None,
                    help="a calibrated policy: threshold, cascade, topk, static or auto (default: the bundle's)")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--min-quality", type=float, default=None,
+                   help="the server may lower the budget to this quality under load (default: never lowered)")
+    f.add_argument("--min-accuracy", type=float, default=None,
+                   help="the server may lower the budget to this expected accuracy under load (default: never "
+                   "lowered)")
     p.add_argument("--json", action="store_true", help="print the reply as JSON, 64-bit integers as numbers")
     p.set_defaults(func=_infer)
 

@@ -30,8 +30,12 @@ def make_budget(
     target_accuracy: float | None = None,
     subnet: str | None = None,
     policy: str | None = None,
+    min_quality: float | None = None,
+    min_accuracy: float | None = None,
 ) -> pb.Budget:
-    """The wire budget: at most one target (none: the server's default) and an optional policy."""
+    """The wire budget: at most one target (none: the server's default), an optional policy and
+    at most one floor (`min_quality`, `min_accuracy`): how far the server may lower the budget
+    under load (none: never)."""
     targets = {"quality": quality, "max_flops": max_flops, "target_accuracy": target_accuracy, "subnet": subnet}
     chosen = {k: v for k, v in targets.items() if v is not None}
     if len(chosen) > 1:
@@ -39,6 +43,10 @@ def make_budget(
     budget = pb.Budget(**chosen)
     if policy is not None:
         budget.policy = policy
+    if min_quality is not None:
+        budget.min_quality = min_quality
+    if min_accuracy is not None:
+        budget.min_accuracy = min_accuracy
     return budget
 
 
@@ -58,7 +66,7 @@ def make_request(
     **budget: float | str | None,
 ) -> pb.InferRequest:
     """One native request: a tensor (one example) or a text, and at most one budget target
-    (quality, max_flops, target_accuracy, subnet; and policy), as `make_budget`."""
+    (quality, max_flops, target_accuracy, subnet; policy; a floor), as `make_budget`."""
     if (tensor is None) == (text is None):
         raise ValueError("give exactly one of tensor and text")
     req = pb.InferRequest(model=model, id=id, budget=make_budget(**budget))

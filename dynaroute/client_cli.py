@@ -61,6 +61,10 @@ def format_reply(reply: pb.InferReply) -> str:
         f"time:  queue {c.queue_seconds * 1e3:.2f} ms  compute {c.compute_seconds * 1e3:.2f} ms  "
         f"total {c.total_seconds * 1e3:.2f} ms",
     ]
+    if r.budget_lowered:
+        a, g = r.budget_asked, r.budget_got
+        lines.append(f"budget: lowered under load from {a.policy} {a.flops_ratio:.1%} (expected accuracy "
+                     f"{a.expected_accuracy:.4f}) to {g.policy} {g.flops_ratio:.1%} ({g.expected_accuracy:.4f})")
     return "\n".join(lines)
 
 
@@ -87,7 +91,8 @@ def _connect(args: argparse.Namespace, address: str) -> Client:
 
 def _budget(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model or "", "quality": args.quality, "max_flops": args.max_flops,
-            "target_accuracy": args.target_accuracy, "subnet": args.subnet, "policy": args.policy}
+            "target_accuracy": args.target_accuracy, "subnet": args.subnet, "policy": args.policy,
+            "min_quality": args.min_quality, "min_accuracy": args.min_accuracy}
 
 
 def _infer_batch(args: argparse.Namespace, client: Client) -> int:

@@ -128,6 +128,48 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True)
+class SloConfig:
+    """The SLO controller (dynaroute/gateway/slo.py): a latency objective per model and how the
+    controller moves its level. `objective_ms` None: the objective is only the deadlines of
+    requests that allow lowering (none: budgets are always served as asked).
+
+    The controller lowers while the watched queue delay is at least `lower_at` times the
+    objective (faster the further above), and restores, by `restore_per_s` of its range per
+    second, once the delay is at most `restore_at` times the objective and nothing was lowered
+    for `hold_s`: the band between the two and the hold are the hysteresis. `lower_at` stays
+    well below admission control's 0.9 of the time left, so that budgets are lowered before
+    anyone is refused."""
+
+    objective_ms: float | None = None
+    lower_at: float = 0.4
+    restore_at: float = 0.15
+    hold_s: float = 2.0
+    lower_per_s: float = 20.0  # level per second at a delay of twice `lower_at` (proportional to the delay)
+    restore_per_s: float = 0.5
+    tick_ms: float = 20.0  # how often the controller looks at the queues
+    deadline_window_s: float = 2.0  # how long a request's deadline counts towards the objective
+
+    def __post_init__(self) -> None:
+        if self.objective_ms is not None and (
+            not isinstance(self.objective_ms, int | float) or not math.isfinite(self.objective_ms)
+            or self.objective_ms <= 0
+        ):
+            raise ValueError(f"SloConfig.objective_ms must be a number of milliseconds > 0 or None, "
+                             f"got {self.objective_ms!r}")
+        for name in ("lower_at", "restore_at", "hold_s", "lower_per_s", "restore_per_s", "tick_ms",
+                     "deadline_window_s"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"SloConfig.{name} must be a number >= 0, got {v!r}")
+        if not 0 < self.restore_at < self.lower_at < 1:
+            raise ValueError(f"SloConfig: expected 0 < restore_at < lower_at < 1 (fractions of the objective), got "
+                             f"restore_at={self.restore_at!r}, lower_at={self.lower_at!r}")
+        for name in ("lower_per_s", "restore_per_s", "tick_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SloConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """How the engine batches, bounds its queues and deploys experts.
 
@@ -150,6 +192,7 @@ class EngineConfig:
     default_num_cpus: float = 0.25  # without a placement: CPUs each actor asks for
     ready_timeout_s: float = 120.0  # how long start() waits for the actors to load
     backend: str | None = None  # experts' backend (torch, onnx, int8); None: the bundle's default_backend
+    slo: SloConfig = SloConfig()  # the latency objective and its controller (`--slo-ms`)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "router_max_batch_size", "max_inflight_batches",
@@ -171,6 +214,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_restarts must be -1 (forever) or >= 0, got {self.max_restarts!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"EngineConfig.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.slo, SloConfig):
+            raise ValueError(f"EngineConfig.slo must be a SloConfig, got {type(self.slo).__name__}")
         if self.placement is not None and not isinstance(self.placement, PlacementConfig):
             raise ValueError(f"EngineConfig.placement must be a PlacementConfig, got {type(self.placement).__name__}")
 

@@ -74,6 +74,26 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("dynaroute_queue_depth", "Requests waiting in a batch queue", ["model", "expert"])
 REPLICAS_LIVE = Gauge("dynaroute_expert_replicas_live", "Expert replicas able to take calls", ["model", "expert"])
 INFLIGHT = Gauge("dynaroute_inflight_requests", "Requests inside the engine", ["model"])
+# The SLO controller (dynaroute/gateway/slo.py).
+BUDGET_LOWERED = Counter(
+    "dynaroute_budget_lowered", "Requests (rows) served at a cheaper operating point than their budget asked", ["model"]
+)
+BUDGET_FLOPS_RATIO = Histogram(
+    "dynaroute_budget_flops_ratio",
+    "Expected FLOPs of the operating point served over those of the point asked (1: as asked)",
+    ["model"],
+    buckets=_RATIO_BUCKETS,
+)
+SLO_LEVEL = Gauge(
+    "dynaroute_slo_level", "SLO controller level: 0 budgets as asked, 1 every budget that allows it at its floor",
+    ["model"],
+)
+SLO_PRESSURE = Gauge(
+    "dynaroute_slo_pressure_ratio", "Queue delay the SLO controller watches over the latency objective", ["model"]
+)
+SLO_OBJECTIVE = Gauge(
+    "dynaroute_slo_objective_seconds", "Latency objective the SLO controller holds (0: none)", ["model"]
+)
 
 # The label values known in advance, whose children the engine creates at start (zero) so that
 # rate() and increase() see the first request, error or fallback rather than a series that

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)(?: http=(\S+))?")
 STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)(?: http=(\S+))?")
@@ -85,3 +88,13 @@ class ServerProcess:
 
     def output(self) -> str:
         return "\n".join(self.lines)
+
+
+def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a server's metrics endpoint: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }

@@ -7,6 +7,13 @@ import random
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+# Sentences that tests send to a served text model.
+TEXTS = [
+    "a wonderful , moving film",
+    "the script is dull and lifeless , and the cast seems to know it",
+    "an awful movie",
+    "smart and funny from start to finish",
+]
 
 
 def sst2_data(fallback: Path) -> Path:

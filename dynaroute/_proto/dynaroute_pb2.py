@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ynaroute/v1/dynaroute.proto\x12\x0c\x64ynaroute.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x87\x01\n\x06\x42udget\x12\x11\n\x07quality\x18\x01 \x01(\x01H\x00\x12\x13\n\tmax_flops\x18\x02 \x01(\x01H\x00\x12\x19\n\x0ftarget_accuracy\x18\x03 \x01(\x01H\x00\x12\x10\n\x06subnet\x18\x04 \x01(\tH\x00\x12\x13\n\x06policy\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06targetB\t\n\x07_policy\"\x90\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.dynaroute.v1.TensorH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12$\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x14.dynaroute.v1.BudgetB\x07\n\x05input\"\x89\x01\n\x11InferBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.dynaroute.v1.Tensor\x12\r\n\x05texts\x18\x04 \x03(\t\x12$\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x14.dynaroute.v1.Budget\"j\n\rInferBatchRow\x12)\n\x05reply\x18\x01 \x01(\x0b\x32\x18.dynaroute.v1.InferReplyH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.dynaroute.v1.ErrorH\x00\x42\x08\n\x06result\"W\n\x0fInferBatchReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x04rows\x18\x03 \x03(\x0b\x32\x1b.dynaroute.v1.InferBatchRow\"P\n\x07Outputs\x12\x0e\n\x06logits\x18\x01 \x03(\x02\x12\r\n\x05label\x18\x02 \x01(\x03\x12\x12\n\nlabel_name\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"\xa8\x01\n\x05Route\x12\x0f\n\x07subnets\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\x12\x13\n\x0b\x65scalations\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xit_depths\x18\x04 \x03(\x05\x12\x11\n\tfallbacks\x18\x05 \x03(\t\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x1b\n\x13\x62udget_out_of_reach\x18\x07 \x01(\x08\x12\x13\n\x0b\x62udget_note\x18\x08 \x01(\t\"\xb7\x01\n\x04\x43ost\x12\x14\n\x0crouter_flops\x18\x01 \x01(\x03\x12\x14\n\x0c\x65xpert_flops\x18\x02 \x01(\x03\x12\x13\n\x0btotal_flops\x18\x03 \x01(\x03\x12\x12\n\nfull_flops\x18\x04 \x01(\x03\x12\x13\n\x0b\x66lops_ratio\x18\x05 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x08 \x01(\x01\"\x95\x01\n\nInferReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x07outputs\x18\x03 \x01(\x0b\x32\x15.dynaroute.v1.Outputs\x12\"\n\x05route\x18\x04 \x01(\x0b\x32\x13.dynaroute.v1.Route\x12 \n\x04\x63ost\x18\x05 \x01(\x0b\x32\x12.dynaroute.v1.Cost\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"y\n\x10InferStreamReply\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x05reply\x18\x02 \x01(\x0b\x32\x18.dynaroute.v1.InferReplyH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.dynaroute.v1.ErrorH\x00\x42\x08\n\x06result\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"K\n\tInputSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nmax_length\x18\x04 \x01(\x03\"{\n\nSubnetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x0c\n\x04path\x18\x04 \x01(\x05\x12\r\n\x05\x66lops\x18\x05 \x01(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x14\n\x0cval_accuracy\x18\x07 \x01(\x01\"u\n\x10\x43\x61librationPoint\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x19\n\x11\x65xpected_accuracy\x18\x04 \x01(\x01\x12\x12\n\nmean_flops\x18\x05 \x01(\x01\"\xa5\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.dynaroute.v1.InputSpec\x12)\n\x07subnets\x18\x05 \x03(\x0b\x32\x18.dynaroute.v1.SubnetInfo\x12\x13\n\x0b\x66ull_subnet\x18\x06 \x01(\t\x12\x12\n\nfull_flops\x18\x07 \x01(\x03\x12\x14\n\x0crouter_flops\x18\x08 \x01(\x03\x12\x33\n\x0b\x63\x61libration\x18\t \x03(\x0b\x32\x1e.dynaroute.v1.CalibrationPoint\x12\r\n\x05ready\x18\n \x01(\x08\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x0fListModelsReply\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.dynaroute.v1.ModelInfo2\xf9\x02\n\tDynaroute\x12=\n\x05Infer\x12\x1a.dynaroute.v1.InferRequest\x1a\x18.dynaroute.v1.InferReply\x12L\n\nInferBatch\x12\x1f.dynaroute.v1.InferBatchRequest\x1a\x1d.dynaroute.v1.InferBatchReply\x12M\n\x0bInferStream\x12\x1a.dynaroute.v1.InferRequest\x1a\x1e.dynaroute.v1.InferStreamReply(\x01\x30\x01\x12\x42\n\x08GetModel\x12\x1d.dynaroute.v1.GetModelRequest\x1a\x17.dynaroute.v1.ModelInfo\x12L\n\nListModels\x12\x1f.dynaroute.v1.ListModelsRequest\x1a\x1d.dynaroute.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64ynaroute/v1/dynaroute.proto\x12\x0c\x64ynaroute.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xdd\x01\n\x06\x42udget\x12\x11\n\x07quality\x18\x01 \x01(\x01H\x00\x12\x13\n\tmax_flops\x18\x02 \x01(\x01H\x00\x12\x19\n\x0ftarget_accuracy\x18\x03 \x01(\x01H\x00\x12\x10\n\x06subnet\x18\x04 \x01(\tH\x00\x12\x13\n\x06policy\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0bmin_quality\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cmin_accuracy\x18\x07 \x01(\x01H\x03\x88\x01\x01\x42\x08\n\x06targetB\t\n\x07_policyB\x0e\n\x0c_min_qualityB\x0f\n\r_min_accuracy\"\x90\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.dynaroute.v1.TensorH\x00\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12$\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x14.dynaroute.v1.BudgetB\x07\n\x05input\"\x89\x01\n\x11InferBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.dynaroute.v1.Tensor\x12\r\n\x05texts\x18\x04 \x03(\t\x12$\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x14.dynaroute.v1.Budget\"j\n\rInferBatchRow\x12)\n\x05reply\x18\x01 \x01(\x0b\x32\x18.dynaroute.v1.InferReplyH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.dynaroute.v1.ErrorH\x00\x42\x08\n\x06result\"W\n\x0fInferBatchReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x04rows\x18\x03 \x03(\x0b\x32\x1b.dynaroute.v1.InferBatchRow\"P\n\x07Outputs\x12\x0e\n\x06logits\x18\x01 \x03(\x02\x12\r\n\x05label\x18\x02 \x01(\x03\x12\x12\n\nlabel_name\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"\xaa\x02\n\x05Route\x12\x0f\n\x07subnets\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x01\x12\x13\n\x0b\x65scalations\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xit_depths\x18\x04 \x03(\x05\x12\x11\n\tfallbacks\x18\x05 \x03(\t\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x1b\n\x13\x62udget_out_of_reach\x18\x07 \x01(\x08\x12\x13\n\x0b\x62udget_note\x18\x08 \x01(\t\x12\x34\n\x0c\x62udget_asked\x18\t \x01(\x0b\x32\x1e.dynaroute.v1.CalibrationPoint\x12\x32\n\nbudget_got\x18\n \x01(\x0b\x32\x1e.dynaroute.v1.CalibrationPoint\x12\x16\n\x0e\x62udget_lowered\x18\x0b \x01(\x08\"\xb7\x01\n\x04\x43ost\x12\x14\n\x0crouter_flops\x18\x01 \x01(\x03\x12\x14\n\x0c\x65xpert_flops\x18\x02 \x01(\x03\x12\x13\n\x0btotal_flops\x18\x03 \x01(\x03\x12\x12\n\nfull_flops\x18\x04 \x01(\x03\x12\x13\n\x0b\x66lops_ratio\x18\x05 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x08 \x01(\x01\"\x95\x01\n\nInferReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12&\n\x07outputs\x18\x03 \x01(\x0b\x32\x15.dynaroute.v1.Outputs\x12\"\n\x05route\x18\x04 \x01(\x0b\x32\x13.dynaroute.v1.Route\x12 \n\x04\x63ost\x18\x05 \x01(\x0b\x32\x12.dynaroute.v1.Cost\"9\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"y\n\x10InferStreamReply\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x05reply\x18\x02 \x01(\x0b\x32\x18.dynaroute.v1.InferReplyH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.dynaroute.v1.ErrorH\x00\x42\x08\n\x06result\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"K\n\tInputSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nmax_length\x18\x04 \x01(\x03\"{\n\nSubnetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x0c\n\x04path\x18\x04 \x01(\x05\x12\r\n\x05\x66lops\x18\x05 \x01(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x14\n\x0cval_accuracy\x18\x07 \x01(\x01\"\x8a\x01\n\x10\x43\x61librationPoint\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x19\n\x11\x65xpected_accuracy\x18\x04 \x01(\x01\x12\x12\n\nmean_flops\x18\x05 \x01(\x01\x12\x13\n\x0b\x66lops_ratio\x18\x06 \x01(\x01\"\xa5\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.dynaroute.v1.InputSpec\x12)\n\x07subnets\x18\x05 \x03(\x0b\x32\x18.dynaroute.v1.SubnetInfo\x12\x13\n\x0b\x66ull_subnet\x18\x06 \x01(\t\x12\x12\n\nfull_flops\x18\x07 \x01(\x03\x12\x14\n\x0crouter_flops\x18\x08 \x01(\x03\x12\x33\n\x0b\x63\x61libration\x18\t \x03(\x0b\x32\x1e.dynaroute.v1.CalibrationPoint\x12\r\n\x05ready\x18\n \x01(\x08\x12\x16\n\x0e\x64\x65\x66\x61ult_policy\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x0fListModelsReply\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.dynaroute.v1.ModelInfo2\xf9\x02\n\tDynaroute\x12=\n\x05Infer\x12\x1a.dynaroute.v1.InferRequest\x1a\x18.dynaroute.v1.InferReply\x12L\n\nInferBatch\x12\x1f.dynaroute.v1.InferBatchRequest\x1a\x1d.dynaroute.v1.InferBatchReply\x12M\n\x0bInferStream\x12\x1a.dynaroute.v1.InferRequest\x1a\x1e.dynaroute.v1.InferStreamReply(\x01\x30\x01\x12\x42\n\x08GetModel\x12\x1d.dynaroute.v1.GetModelRequest\x1a\x17.dynaroute.v1.ModelInfo\x12L\n\nListModels\x12\x1f.dynaroute.v1.ListModelsRequest\x1a\x1d.dynaroute.v1.ListModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,41 +34,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=98
   _globals['_BUDGET']._serialized_start=101
-  _globals['_BUDGET']._serialized_end=236
-  _globals['_INFERREQUEST']._serialized_start=239
-  _globals['_INFERREQUEST']._serialized_end=383
-  _globals['_INFERBATCHREQUEST']._serialized_start=386
-  _globals['_INFERBATCHREQUEST']._serialized_end=523
-  _globals['_INFERBATCHROW']._serialized_start=525
-  _globals['_INFERBATCHROW']._serialized_end=631
-  _globals['_INFERBATCHREPLY']._serialized_start=633
-  _globals['_INFERBATCHREPLY']._serialized_end=720
-  _globals['_OUTPUTS']._serialized_start=722
-  _globals['_OUTPUTS']._serialized_end=802
-  _globals['_ROUTE']._serialized_start=805
-  _globals['_ROUTE']._serialized_end=973
-  _globals['_COST']._serialized_start=976
-  _globals['_COST']._serialized_end=1159
-  _globals['_INFERREPLY']._serialized_start=1162
-  _globals['_INFERREPLY']._serialized_end=1311
-  _globals['_ERROR']._serialized_start=1313
-  _globals['_ERROR']._serialized_end=1370
-  _globals['_INFERSTREAMREPLY']._serialized_start=1372
-  _globals['_INFERSTREAMREPLY']._serialized_end=1493
-  _globals['_GETMODELREQUEST']._serialized_start=1495
-  _globals['_GETMODELREQUEST']._serialized_end=1527
-  _globals['_INPUTSPEC']._serialized_start=1529
-  _globals['_INPUTSPEC']._serialized_end=1604
-  _globals['_SUBNETINFO']._serialized_start=1606
-  _globals['_SUBNETINFO']._serialized_end=1729
-  _globals['_CALIBRATIONPOINT']._serialized_start=1731
-  _globals['_CALIBRATIONPOINT']._serialized_end=1848
-  _globals['_MODELINFO']._serialized_start=1851
-  _globals['_MODELINFO']._serialized_end=2144
-  _globals['_LISTMODELSREQUEST']._serialized_start=2146
-  _globals['_LISTMODELSREQUEST']._serialized_end=2165
-  _globals['_LISTMODELSREPLY']._serialized_start=2167
-  _globals['_LISTMODELSREPLY']._serialized_end=2225
-  _globals['_DYNAROUTE']._serialized_start=2228
-  _globals['_DYNAROUTE']._serialized_end=2605
+  _globals['_BUDGET']._serialized_end=322
+  _globals['_INFERREQUEST']._serialized_start=325
+  _globals['_INFERREQUEST']._serialized_end=469
+  _globals['_INFERBATCHREQUEST']._serialized_start=472
+  _globals['_INFERBATCHREQUEST']._serialized_end=609
+  _globals['_INFERBATCHROW']._serialized_start=611
+  _globals['_INFERBATCHROW']._serialized_end=717
+  _globals['_INFERBATCHREPLY']._serialized_start=719
+  _globals['_INFERBATCHREPLY']._serialized_end=806
+  _globals['_OUTPUTS']._serialized_start=808
+  _globals['_OUTPUTS']._serialized_end=888
+  _globals['_ROUTE']._serialized_start=891
+  _globals['_ROUTE']._serialized_end=1189
+  _globals['_COST']._serialized_start=1192
+  _globals['_COST']._serialized_end=1375
+  _globals['_INFERREPLY']._serialized_start=1378
+  _globals['_INFERREPLY']._serialized_end=1527
+  _globals['_ERROR']._serialized_start=1529
+  _globals['_ERROR']._serialized_end=1586
+  _globals['_INFERSTREAMREPLY']._serialized_start=1588
+  _globals['_INFERSTREAMREPLY']._serialized_end=1709
+  _globals['_GETMODELREQUEST']._serialized_start=1711
+  _globals['_GETMODELREQUEST']._serialized_end=1743
+  _globals['_INPUTSPEC']._serialized_start=1745
+  _globals['_INPUTSPEC']._serialized_end=1820
+  _globals['_SUBNETINFO']._serialized_start=1822
+  _globals['_SUBNETINFO']._serialized_end=1945
+  _globals['_CALIBRATIONPOINT']._serialized_start=1948
+  _globals['_CALIBRATIONPOINT']._serialized_end=2086
+  _globals['_MODELINFO']._serialized_start=2089
+  _globals['_MODELINFO']._serialized_end=2382
+  _globals['_LISTMODELSREQUEST']._serialized_start=2384
+  _globals['_LISTMODELSREQUEST']._serialized_end=2403
+  _globals['_LISTMODELSREPLY']._serialized_start=2405
+  _globals['_LISTMODELSREPLY']._serialized_end=2463
+  _globals['_DYNAROUTE']._serialized_start=2466
+  _globals['_DYNAROUTE']._serialized_end=2843
 # @@protoc_insertion_point(module_scope)

@@ -17,18 +17,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("quality", "max_flops", "target_accuracy", "subnet", "policy")
+    __slots__ = ("quality", "max_flops", "target_accuracy", "subnet", "policy", "min_quality", "min_accuracy")
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     MAX_FLOPS_FIELD_NUMBER: _ClassVar[int]
     TARGET_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     SUBNET_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     quality: float
     max_flops: float
     target_accuracy: float
     subnet: str
     policy: str
-    def __init__(self, quality: _Optional[float] = ..., max_flops: _Optional[float] = ..., target_accuracy: _Optional[float] = ..., subnet: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    min_quality: float
+    min_accuracy: float
+    def __init__(self, quality: _Optional[float] = ..., max_flops: _Optional[float] = ..., target_accuracy: _Optional[float] = ..., subnet: _Optional[str] = ..., policy: _Optional[str] = ..., min_quality: _Optional[float] = ..., min_accuracy: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("model", "id", "tensor", "text", "budget")
@@ -89,7 +93,7 @@ class Outputs(_message.Message):
     def __init__(self, logits: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ..., label_name: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("subnets", "weights", "escalations", "exit_depths", "fallbacks", "policy", "budget_out_of_reach", "budget_note")
+    __slots__ = ("subnets", "weights", "escalations", "exit_depths", "fallbacks", "policy", "budget_out_of_reach", "budget_note", "budget_asked", "budget_got", "budget_lowered")
     SUBNETS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     ESCALATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +102,9 @@ class Route(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_OUT_OF_REACH_FIELD_NUMBER: _ClassVar[int]
     BUDGET_NOTE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_ASKED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_GOT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_LOWERED_FIELD_NUMBER: _ClassVar[int]
     subnets: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
     escalations: int
@@ -106,7 +113,10 @@ class Route(_message.Message):
     policy: str
     budget_out_of_reach: bool
     budget_note: str
-    def __init__(self, subnets: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., escalations: _Optional[int] = ..., exit_depths: _Optional[_Iterable[int]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., budget_out_of_reach: _Optional[bool] = ..., budget_note: _Optional[str] = ...) -> None: ...
+    budget_asked: CalibrationPoint
+    budget_got: CalibrationPoint
+    budget_lowered: bool
+    def __init__(self, subnets: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., escalations: _Optional[int] = ..., exit_depths: _Optional[_Iterable[int]] = ..., fallbacks: _Optional[_Iterable[str]] = ..., policy: _Optional[str] = ..., budget_out_of_reach: _Optional[bool] = ..., budget_note: _Optional[str] = ..., budget_asked: _Optional[_Union[CalibrationPoint, _Mapping]] = ..., budget_got: _Optional[_Union[CalibrationPoint, _Mapping]] = ..., budget_lowered: _Optional[bool] = ...) -> None: ...
 
 class Cost(_message.Message):
     __slots__ = ("router_flops", "expert_flops", "total_flops", "full_flops", "flops_ratio", "queue_seconds", "compute_seconds", "total_seconds")
@@ -199,18 +209,20 @@ class SubnetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., width: _Optional[float] = ..., depth: _Optional[int] = ..., path: _Optional[int] = ..., flops: _Optional[int] = ..., params: _Optional[int] = ..., val_accuracy: _Optional[float] = ...) -> None: ...
 
 class CalibrationPoint(_message.Message):
-    __slots__ = ("policy", "quality", "threshold", "expected_accuracy", "mean_flops")
+    __slots__ = ("policy", "quality", "threshold", "expected_accuracy", "mean_flops", "flops_ratio")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     MEAN_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    FLOPS_RATIO_FIELD_NUMBER: _ClassVar[int]
     policy: str
     quality: float
     threshold: float
     expected_accuracy: float
     mean_flops: float
-    def __init__(self, policy: _Optional[str] = ..., quality: _Optional[float] = ..., threshold: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., mean_flops: _Optional[float] = ...) -> None: ...
+    flops_ratio: float
+    def __init__(self, policy: _Optional[str] = ..., quality: _Optional[float] = ..., threshold: _Optional[float] = ..., expected_accuracy: _Optional[float] = ..., mean_flops: _Optional[float] = ..., flops_ratio: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "task", "labels", "input", "subnets", "full_subnet", "full_flops", "router_flops", "calibration", "ready", "default_policy")

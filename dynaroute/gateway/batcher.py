@@ -134,6 +134,13 @@ class MicroBatcher(Generic[T, R]):
         ahead = self._waiting if flow is not None and flow in self._flows else len(self._flows)
         return (self._inflight_items + ahead + min(self._waiting + 1, self.max_batch_size)) / rate
 
+    def backlog_s(self) -> float:
+        """How long the work ahead of an item queued now would take at the measured drain rate
+        (every item waiting and running; no own batch): the queue's delay (0 before anything was
+        measured). Read by the SLO controller."""
+        rate = self.drain_rate
+        return (self._inflight_items + self._waiting) / rate if rate else 0.0
+
     def late_by_backlog(self, deadline: float, flow: Hashable | None = None) -> str | None:
         """Why an item with this deadline would be refused now (None: admit it). Only work
         ahead of it refuses it: on an idle queue an item runs, and its deadline decides."""

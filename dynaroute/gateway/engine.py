@@ -46,12 +46,15 @@ from dynaroute.gateway.dispatch import (
     ExpertRowResult,
     ExpertUnavailableError,
 )
+from dynaroute.gateway.slo import SloController
 from dynaroute.gateway.types import Cost, InferRequest, InferResult, RouteTaken
 from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import OperatingPoint
 from dynaroute.router.policy import Route
 
-# A router batch item: (input row or sentence, budget, or a Route already fixed by a pin).
-_RouterItem = tuple[Any, Budget | Route]
+# A router batch item: (input row or sentence, the operating point chosen for its budget, or a
+# Route already fixed by a pin).
+_RouterItem = tuple[Any, Budget | OperatingPoint | Route]
 # Its answer: (route, input row for the experts, whether the router ran for it).
 _Routed = tuple[Route, Any, bool]
 
@@ -122,6 +125,11 @@ class RayEngine:
             on_batch=self._router_batch_size.observe,
             on_queue_depth=metrics.QUEUE_DEPTH.labels(model, "router").set,
         )
+        # Lowers the budgets that allow it while the queues are late for the objective.
+        self._slo = SloController(model, config.slo, router.calibration,
+                                  lambda: (self._router_batcher, *self._batchers.values()), bundle.subnet_infos,
+                                  self._full_flops)
+        self._slo_task = asyncio.get_running_loop().create_task(self._slo.run())
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -201,6 +209,7 @@ class RayEngine:
         """Stop the batchers and kill the actors this engine created."""
         self._draining = True
         self._closed = True
+        self._slo_task.cancel()
         await self._router_batcher.close()
         for b in self._batchers.values():
             await b.close()
@@ -269,9 +278,11 @@ class RayEngine:
                                         f"{self.model_name!r}; expected one of {self._subnets}")
             resolution = None
             pinned = Route((budget.subnet,), (1.0,), policy="subnet")  # as RouterRuntime.plan pins
+            choice = self._slo.pinned(budget.subnet)
         else:
             pinned = None  # a budget with nothing set resolves to the router's default quality
             resolution = self.router.resolve(budget)  # cached per budget; says when it was out of reach
+            choice = self._slo.choose(budget, resolution.point, request.deadline)  # lowered under load if allowed
         if request.deadline is not None:
             self._refuse_if_late(request.deadline, budget.subnet, request.flow)
         if pinned is not None and not self.codec.in_thread:
@@ -281,14 +292,14 @@ class RayEngine:
             # and loop turns) costs more than encoding and scoring one row of a tensor router;
             # with other requests in flight the batcher is used, so batches still form under load.
             t0 = time.perf_counter()
-            routed = self._route_batch_sync([(x, budget)])[0]
+            routed = self._route_batch_sync([(x, choice.got)])[0]
             compute_s = time.perf_counter() - t0
             self._router_batch_size.observe(1)
             if isinstance(routed, BaseException):
                 raise routed
             route, row, router_ran = routed
         else:
-            b = await self._router_batcher.submit((x, pinned or budget), request.deadline, request.admitted,
+            b = await self._router_batcher.submit((x, pinned or choice.got), request.deadline, request.admitted,
                                                   request.flow)
             (route, row, router_ran), queue_s, compute_s = b.value, b.queue_s, b.call_s
 
@@ -311,6 +322,7 @@ class RayEngine:
             total_s=time.perf_counter() - start,
         )
         self._metrics.record(route, outcome, cost, router_ran)
+        self._slo.served(choice, cost.queue_s)
         z = np.exp(logits - logits.max())
         label = int(z.argmax())
         return InferResult(
@@ -328,6 +340,8 @@ class RayEngine:
                 policy=route.policy,
                 budget_out_of_reach=resolution is not None and not resolution.reachable,
                 budget_note="" if resolution is None else resolution.note,
+                budget_asked=choice.asked,
+                budget_got=choice.got,
             ),
             cost=cost,
         )
@@ -348,7 +362,7 @@ class RayEngine:
     def _route_batch_sync(self, items: list[_RouterItem]) -> list[_Routed | BaseException]:
         encoded = self.codec.encode([x for x, _ in items])
         rows = encoded.rows
-        need = [i for i, (_, b) in enumerate(items) if isinstance(b, Budget)]
+        need = [i for i, (_, b) in enumerate(items) if not isinstance(b, Route)]
         out: list[_Routed | BaseException] = [(b, rows[i], False) if isinstance(b, Route) else None  # type: ignore[misc]
                                               for i, (_, b) in enumerate(items)]
         if need:

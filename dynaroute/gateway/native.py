@@ -18,8 +18,9 @@ from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableE
 from dynaroute.gateway.decoding import Undecodable
 from dynaroute.gateway.inputs import check_size, decode_raw
 from dynaroute.gateway.status import status_for
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.types import Engine, InferRequest, InferResult, point_fields
 from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import OperatingPoint
 
 API = "native"
 
@@ -32,7 +33,15 @@ def decode_budget(msg: pb.Budget) -> Budget:
         if not msg.policy:
             raise InvalidInputError("budget.policy: empty; expected a policy name or no policy field")
         kwargs["policy"] = msg.policy
+    for floor in ("min_quality", "min_accuracy"):
+        if msg.HasField(floor):
+            kwargs[floor] = getattr(msg, floor)
     return Budget(**kwargs)
+
+
+def budget_point(point: OperatingPoint | None) -> pb.CalibrationPoint | None:
+    """An operating point -> its wire form (None stays unset)."""
+    return None if point is None else pb.CalibrationPoint(**point_fields(point))
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -68,7 +77,7 @@ def model_info_message(info: dict[str, Any], ready: bool) -> pb.ModelInfo:
         calibration=[
             pb.CalibrationPoint(
                 policy=name, quality=p["quality"], threshold=p["threshold"], expected_accuracy=p["accuracy"],
-                mean_flops=p["mean_flops"],
+                mean_flops=p["mean_flops"], flops_ratio=p["flops_ratio"],
             )
             for name, p in points
         ],
@@ -90,6 +99,8 @@ def encode_result(result: InferResult, model: str) -> pb.InferReply:
             subnets=route.subnets, weights=route.weights, escalations=route.escalations,
             exit_depths=route.exit_depths, fallbacks=route.fallbacks, policy=route.policy,
             budget_out_of_reach=route.budget_out_of_reach, budget_note=route.budget_note,
+            budget_asked=budget_point(route.budget_asked), budget_got=budget_point(route.budget_got),
+            budget_lowered=route.budget_lowered,
         ),
         cost=pb.Cost(
             router_flops=cost.router_flops, expert_flops=cost.expert_flops, total_flops=cost.flops,

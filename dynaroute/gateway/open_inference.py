@@ -4,11 +4,13 @@
 share, so that both check, decode, budget, run and count a call the same way and differ only
 in the wire form. A call holds one input of shape [N, ...example shape] (N >= 1; BYTES [N] or
 [N, 1] for text models); each row is one engine request, and all run concurrently. The budget
-comes from request parameters (quality, max_flops, target_accuracy, subnet, policy; any other
-name is refused); the route and cost go back in response parameters: `route` and `cost` as
-JSON lists with one entry per row, plus scalar totals (total_flops, full_flops, flops_ratio)
-that plain KServe clients can read, and `budget_out_of_reach` (with `budget_note`) when no
-calibrated point met the budget. One call counts once in dynaroute_requests_total, its rows in
+comes from request parameters (quality, max_flops, target_accuracy, subnet, policy, and a floor:
+min_quality or min_accuracy; any other name is refused); the route and cost go back in response
+parameters: `route` and `cost` as JSON lists with one entry per row (each route with the
+budget asked and served, `budget_asked`, `budget_got`, `budget_lowered`), plus scalar totals
+(total_flops, full_flops, flops_ratio, rows_lowered, budget_asked_flops_ratio,
+budget_got_flops_ratio) that plain KServe clients can read, and `budget_out_of_reach` (with
+`budget_note`) when no calibrated point met the budget. One call counts once in dynaroute_requests_total, its rows in
 dynaroute_rows_total.
 
 This module loads no protobuf messages of the `inference` package: tritonclient.grpc
@@ -31,8 +33,9 @@ from dynaroute import __version__, metrics
 from dynaroute.codec import InputCodec, InputSpec, codec_for
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.inputs import check_size, decode_bytes_elements
-from dynaroute.gateway.types import Engine, InferRequest, InferResult
+from dynaroute.gateway.types import Engine, InferRequest, InferResult, point_fields
 from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import OperatingPoint
 
 VERSION = "1"
 # KServe v2 datatype <-> numpy dtype, and which typed `contents` field carries it.
@@ -53,8 +56,12 @@ DATATYPES: dict[str, tuple[str, str]] = {
 }
 DATATYPE_OF = {np_name: dt for dt, (np_name, _) in DATATYPES.items() if dt != "BYTES"}
 OUTPUTS = ("logits", "label", "confidence")
-BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy")
+BUDGET_NUMBERS = ("quality", "max_flops", "target_accuracy", "min_quality", "min_accuracy")
 BUDGET_STRINGS = ("subnet", "policy")
+
+
+def _point_dict(point: OperatingPoint | None) -> dict[str, Any] | None:
+    return None if point is None else point_fields(point)
 
 
 def server_version() -> str:
@@ -322,7 +329,9 @@ class KServeModel:
         routes = [
             {"subnets": r.route.subnets, "weights": r.route.weights, "escalations": r.route.escalations,
              "exit_depths": r.route.exit_depths, "fallbacks": r.route.fallbacks, "policy": r.route.policy,
-             "label_name": r.label_name, "budget_out_of_reach": r.route.budget_out_of_reach}
+             "label_name": r.label_name, "budget_out_of_reach": r.route.budget_out_of_reach,
+             "budget_asked": _point_dict(r.route.budget_asked), "budget_got": _point_dict(r.route.budget_got),
+             "budget_lowered": r.route.budget_lowered}
             for r in results
         ]
         costs = [
@@ -341,4 +350,10 @@ class KServeModel:
         }
         if results[0].route.budget_out_of_reach:
             params["budget_note"] = results[0].route.budget_note
+        params["rows_lowered"] = sum(r.route.budget_lowered for r in results)
+        asked = [r.route.budget_asked.flops_ratio for r in results if r.route.budget_asked is not None]
+        got = [r.route.budget_got.flops_ratio for r in results if r.route.budget_got is not None]
+        if asked and got:
+            params["budget_asked_flops_ratio"] = sum(asked) / len(asked)
+            params["budget_got_flops_ratio"] = sum(got) / len(got)
         return params

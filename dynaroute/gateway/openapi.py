@@ -42,6 +42,10 @@ PARAMETERS = {  # the budget names kserve.py accepts (a unit test holds them equ
     "target_accuracy": "budget: the accuracy to reach, through the bundle's calibration table",
     "subnet": "pin one subnet by name (e.g. w1-d6-p0)",
     "policy": "routing policy name (the bundle's calibrated policies)",
+    "min_quality": "floor: under load the server may lower the budget to points of at least this quality "
+                   "(default: never lowered)",
+    "min_accuracy": "floor: under load the server may lower the budget to points of at least this expected "
+                    "accuracy (default: never lowered)",
 }
 
 
@@ -71,13 +75,21 @@ def openapi_document() -> dict[str, Any]:
         "description": "The route and cost of the call.",
         "properties": {
             "route": {"type": "string", "description": "JSON list, one entry per row: subnets, weights, escalations, "
-                      "exit_depths, fallbacks, policy, label_name, budget_out_of_reach"},
+                      "exit_depths, fallbacks, policy, label_name, budget_out_of_reach, budget_asked, budget_got "
+                      "(calibrated points: policy, quality, threshold, expected_accuracy, mean_flops, flops_ratio), "
+                      "budget_lowered"},
             "cost": {"type": "string", "description": "JSON list, one entry per row: router_flops, expert_flops, "
                      "total_flops, full_flops, flops_ratio, queue_seconds, compute_seconds, total_seconds"},
             "total_flops": {"type": "integer"}, "full_flops": {"type": "integer"},
             "flops_ratio": {"type": "number"}, "rows": {"type": "integer"},
             "budget_out_of_reach": {"type": "boolean"},
             "budget_note": {"type": "string", "description": "what was used instead, when the budget was out of reach"},
+            "rows_lowered": {"type": "integer",
+                             "description": "rows served below their asked budget, to hold the latency objective"},
+            "budget_asked_flops_ratio": {"type": "number",
+                                         "description": "mean expected FLOPs ratio of the points asked"},
+            "budget_got_flops_ratio": {"type": "number",
+                                       "description": "mean expected FLOPs ratio of the points served"},
         },
         "additionalProperties": scalar,
     }

@@ -261,7 +261,7 @@ async def serve(bundle: str | Path, config: ServerConfig, engine_config: EngineC
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
-    from dynaroute.config import PlacementConfig
+    from dynaroute.config import PlacementConfig, SloConfig
 
     server = ServerConfig(
         host=args.host, port=args.port, http_port=args.http_port, metrics_host=args.metrics_host,
@@ -272,6 +272,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     placement = PlacementConfig.from_file(args.placement) if args.placement else None
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
                           ready_timeout_s=args.ready_timeout_s, max_queue_size=args.max_queue_size,
+                          slo=SloConfig(objective_ms=args.slo_ms, lower_at=args.slo_lower_at,
+                                        restore_at=args.slo_restore_at, hold_s=args.slo_hold_s),
                           backend=getattr(args, "backend", None))
     return server, engine
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dynaroute.router.budget import Budget
+from dynaroute.router.calibration import OperatingPoint
 
 
 @dataclass
@@ -45,6 +46,16 @@ class RouteTaken:
     policy: str = ""
     budget_out_of_reach: bool = False  # no calibrated point met the budget; `budget_note` says what was used
     budget_note: str = ""
+    # The operating point the budget asked for and the one served (the SLO controller lowers a
+    # budget that has a floor under load); a pinned subnet is a point of policy "subnet".
+    budget_asked: OperatingPoint | None = None
+    budget_got: OperatingPoint | None = None
+
+    @property
+    def budget_lowered(self) -> bool:
+        """Served at a cheaper point than asked."""
+        asked, got = self.budget_asked, self.budget_got
+        return asked is not None and got is not None and got.mean_flops < asked.mean_flops
 
 
 @dataclass
@@ -96,3 +107,10 @@ class Engine(Protocol):
         ...
 
     async def infer(self, request: InferRequest) -> InferResult: ...
+
+
+def point_fields(point: OperatingPoint) -> dict[str, Any]:
+    """An operating point (a reply's budget asked or served) as the fields of the native
+    `CalibrationPoint`, which the KServe route JSON uses too."""
+    return {"policy": point.policy, "quality": point.quality, "threshold": point.threshold,
+            "expected_accuracy": point.accuracy, "mean_flops": point.mean_flops, "flops_ratio": point.flops_ratio}

@@ -23,6 +23,9 @@ policy is best there. A budget is solved from a table:
 - max_flops: the most accurate point whose mean FLOPs fit; target_accuracy: the cheapest point
   whose accuracy reaches it. When no point qualifies, the closest one (the cheapest, resp. the
   most accurate) is used and the `Resolution` says so (`reachable=False` and a note).
+
+A budget with a floor may be served lower under load (`ladder`: the cheaper points of its
+table that meet the floor), which the SLO controller of the gateway does.
 """
 
 from __future__ import annotations
@@ -208,6 +211,21 @@ class CalibrationTable:
         hi = max(p.assured for p in points)
         target = cheapest.assured + q * (hi - cheapest.assured)
         return Resolution(next(p for p in points if p.assured >= target - 1e-12))
+
+    def ladder(self, budget: Budget, asked: OperatingPoint) -> list[OperatingPoint]:
+        """The points a budget may be lowered to, cheapest first, ending with `asked` (its own
+        point, `solve(budget).point`): the points of its table cheaper than `asked` that meet
+        its floor (`min_quality`: a quality at least that, as `solve` reads quality;
+        `min_accuracy`: an expected accuracy at least that). No floor: `[asked]` alone."""
+        if budget.min_quality is not None:
+            def meets(p: OperatingPoint) -> bool:
+                return p.quality >= budget.min_quality - 1e-12
+        elif budget.min_accuracy is not None:
+            def meets(p: OperatingPoint) -> bool:
+                return p.accuracy >= budget.min_accuracy - 1e-12
+        else:
+            return [asked]
+        return [p for p in self.table(budget.policy) if p.mean_flops < asked.mean_flops and meets(p)] + [asked]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dynaroute.bundle import Bundle, check_weights
 from dynaroute.errors import BundleError, InvalidInputError, shown
 from dynaroute.router.budget import Budget
-from dynaroute.router.calibration import CalibrationTable, Resolution
+from dynaroute.router.calibration import CalibrationTable, OperatingPoint, Resolution
 from dynaroute.router.model import ROUTER_FAMILIES, Router
 from dynaroute.router.policy import Policy, Route, make_policy
 
@@ -98,9 +98,12 @@ class RouterRuntime:
             self._resolved[budget] = r
         return r
 
-    def plan(self, budget: Budget, correct_prob: np.ndarray, gate: np.ndarray) -> Route:
+    def plan(self, budget: Budget | OperatingPoint, correct_prob: np.ndarray, gate: np.ndarray) -> Route:
         """One input's route. A pinned subnet runs alone; otherwise the budget resolves to a
-        calibrated (policy, threshold) and the policy decides from this input's scores."""
+        calibrated (policy, threshold), or is one already (a point the SLO controller chose),
+        and the policy decides from this input's scores."""
+        if isinstance(budget, OperatingPoint):
+            return self._policies[budget.policy].route(np.asarray(correct_prob), np.asarray(gate), budget.threshold)
         if budget.subnet is not None:
             if budget.subnet not in self.subnet_names:
                 raise InvalidInputError(

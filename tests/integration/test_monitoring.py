@@ -180,7 +180,8 @@ def test_dashboard_and_recording_rules_return_data(digits_server, tmp_path: Path
         # (the latency SLO aside, which a loaded 2-core CI machine may miss).
         groups = prom.get("/api/v1/rules")["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert {r["name"] for r in rules} >= set(records) | {"DynarouteExpertDown", "DynarouteHighErrorRate"}
+        assert {r["name"] for r in rules} >= set(records) | {"DynarouteExpertDown", "DynarouteHighErrorRate",
+                                                             "DynarouteSloAtFloor"}
         assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
         firing = {r["name"] for r in rules if r["type"] == "alerting" and r["state"] != "inactive"}
         assert not firing - {"DynarouteLatencySLO"}, firing

@@ -14,15 +14,9 @@ import torch
 from dynaroute.bundle import Bundle
 from dynaroute.client import Client
 from dynaroute.text import TextEncoder
+from tests.sst2_sample import TEXTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TEXTS = [
-    "a wonderful , moving film",
-    "the script is dull and lifeless , and the cast seems to know it",
-    "an awful movie",
-    "smart and funny from start to finish",
-]
 
 
 @pytest.fixture(scope="module")

@@ -76,8 +76,8 @@ def test_promtool_accepts_config_and_rules() -> None:
 
 @promtool
 def test_alerts_fire_on_their_inputs() -> None:
-    """promtool's rule unit tests: an expert with no live replica, a high error ratio and a
-    slow p99 fire their alerts; a healthy gateway fires none."""
+    """promtool's rule unit tests: an expert with no live replica, a high error ratio, a slow
+    p99 and an SLO controller held at its floors fire their alerts; a healthy gateway fires none."""
     res = subprocess.run(
         ["promtool", "test", "rules", str(PROM / "tests" / "rules_test.yml")],
         capture_output=True,
@@ -106,7 +106,7 @@ def test_every_dashboard_panel_has_a_query() -> None:
     # What a user looks for on the dashboard is there.
     text = " ".join(titles).lower()
     for want in ("request rate", "latency", "flops per request", "saved", "subnet", "escalations", "fallbacks",
-                 "batch size", "queue depth", "expert health"):  # fmt: skip
+                 "batch size", "queue depth", "expert health", "slo controller", "budgets lowered"):  # fmt: skip
         assert want in text, f"no panel about {want!r}"
 
 
