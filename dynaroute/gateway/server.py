@@ -273,7 +273,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
                           ready_timeout_s=args.ready_timeout_s, max_queue_size=args.max_queue_size,
                           slo=SloConfig(objective_ms=args.slo_ms, lower_at=args.slo_lower_at,
-                                        restore_at=args.slo_restore_at, hold_s=args.slo_hold_s))
+                                        restore_at=args.slo_restore_at, hold_s=args.slo_hold_s),
+                          backend=getattr(args, "backend", None))
     return server, engine
 
 
@@ -290,6 +291,12 @@ def main_serve(args: argparse.Namespace) -> int:
         bundle = Bundle.load(args.bundle)
         if engine_config.placement is not None:
             engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+        # Every backend an actor will use, with its graphs' checksums, before Ray starts.
+        default = engine_config.backend or bundle.default_backend
+        placement = engine_config.placement
+        for backend, subnets in ([(a.backend or default, a.subnets) for a in placement.actors] if placement
+                                 else [(default, None)]):
+            bundle.check_backend(backend, subnets)
     except (BundleError, ValueError) as e:
         logs.error_line(__name__, f"dynaroute serve: {e}")
         return 2
