@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[text,test,bench]'
+	$(BIN)/pip install -q -e '.[text,test,bench,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save
 
 from dynaroute.codec import InputCodec, InputSpec, codec_for
 from dynaroute.errors import BundleError
+from dynaroute.experts.backends import BACKENDS, DEFAULT_BACKEND, sha256
 from dynaroute.experts.base import SUPERNET_FAMILIES, DynamicModel, StagedModule
 from dynaroute.experts.spec import SubnetSpec
 
@@ -77,6 +79,8 @@ class Bundle:
     # the weights into it rather than building another (a BERT takes a noticeable share of an
     # expert actor's start).
     _checked: DynamicModel | None = field(default=None, repr=False, compare=False)
+    # Exported graph files whose sha256 has been checked (each file is read once per bundle object).
+    _verified: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> Bundle:
@@ -121,7 +125,80 @@ class Bundle:
         if "router" in m:
             out.append(m["router"]["weights"])
         out.extend(self.input_spec.files())
+        for entry in m.get("backends", {}).values():  # exported graphs (dynaroute export)
+            out.extend(entry.get("files", {}))
         return out
+
+    @property
+    def default_backend(self) -> str:
+        """The backend experts use unless told otherwise: the one the bundle was last exported for."""
+        return self.manifest.get("default_backend", DEFAULT_BACKEND)
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends this bundle can be served on: torch, and every exported one."""
+        return [DEFAULT_BACKEND, *self.manifest.get("backends", {})]
+
+    def backend_graphs(self, backend: str, subnet: str) -> dict[str, Path]:
+        """The exported graphs of one subnet (graph name -> file), each file's sha256 checked
+        against the manifest: a graph that was changed after export is refused."""
+        entry = self.manifest.get("backends", {}).get(backend)
+        if entry is None:
+            raise BundleError(f"bundle {self.name!r} has no graphs for backend {backend!r}; it has "
+                              f"{self.backends}: run `dynaroute export {self.root} --backend {backend}`")
+        graphs = entry["subnets"].get(subnet, {}).get("graphs")
+        if not graphs:
+            raise BundleError(f"bundle {self.name!r}: subnet {subnet!r} was not exported for backend {backend!r}; "
+                              f"exported: {sorted(entry['subnets'])}")
+        for rel in sorted(set(graphs.values())):
+            self._check_file(rel, entry["files"].get(rel))
+        return {name: self.root / rel for name, rel in graphs.items()}
+
+    def check_backend(self, backend: str, subnets: Sequence[str] | None = None) -> None:
+        """Refuse a backend this bundle cannot serve these subnets (default: all) on, or any of
+        whose files is missing or changed; `dynaroute serve` checks this before it starts any actor."""
+        if backend not in BACKENDS:
+            raise BundleError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+        if backend == DEFAULT_BACKEND:
+            return
+        for name in subnets if subnets is not None else [s["name"] for s in self.subnet_infos]:
+            self.backend_graphs(backend, name)
+
+    def _check_file(self, rel: str, expected: str | None) -> None:
+        if rel in self._verified:
+            return
+        path = self.root / rel
+        if not path.is_file():
+            raise BundleError(f"bundle {str(self.root)!r} is missing file {rel!r} named in {MANIFEST}")
+        found = sha256(path)
+        if found != expected:
+            raise BundleError(f"{rel}: sha256 {found[:16]}... does not match the {expected and expected[:16]}... "
+                              f"recorded in {MANIFEST}; the file was changed after export: export again")
+        self._verified.add(rel)
+
+    def calibration(self, backend: str | None = None) -> dict[str, Any]:
+        """The router's calibration table (manifest form) for experts on `backend` (default: the
+        default backend): the one measured on that backend's outputs when export redid it (int8),
+        else the one measured at training."""
+        entry = self.manifest.get("backends", {}).get(backend or self.default_backend, {})
+        table = entry.get("calibration")
+        return table if isinstance(table, dict) else self.manifest["calibration"]
+
+    def latency_ms(self, subnet: str, backend: str | None = None, batch_size: int = 1) -> float | None:
+        """A subnet's measured in-process latency on a backend (default: the default backend) at
+        batch 1 or 32, as `dynaroute export` recorded it; None when it was not measured."""
+        backend = backend or self.default_backend
+        exported = self.manifest.get("backends", {})
+        if backend == DEFAULT_BACKEND:  # measured beside each exported backend; else training's, at batch 1
+            for entry in exported.values():
+                value = entry["subnets"].get(subnet, {}).get("torch_latency_ms", {}).get(str(batch_size))
+                if value is not None:
+                    return float(value)
+            value = self.subnet_info(subnet).get("latency_ms") if batch_size == 1 else None
+        else:
+            value = exported.get(backend, {}).get("subnets", {}).get(subnet, {}).get("latency_ms", {}).get(
+                str(batch_size))
+        return None if value is None else float(value)
 
     @property
     def input_spec(self) -> InputSpec:

@@ -121,6 +121,12 @@ def _infer(args: argparse.Namespace) -> int:
     return main_infer(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dynaroute.export import main_export
+
+    return main_export(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dynaroute.demo import main_demo
 
@@ -255,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--data's comma-separated feature columns, in the bundle's order (default: its features)")
     p.set_defaults(func=_eval)
 
+    p = command("export", "export a bundle's subnets for an expert backend (ONNX Runtime fp32, int8)")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--backend", required=True, choices=["onnx", "int8"],
+                   help="onnx: ONNX Runtime fp32; int8: ONNX Runtime with dynamically quantised int8 weights")
+    p.add_argument("--subnets", nargs="+", default=None, help="export only these subnets (default: all)")
+    p.add_argument("--data", default=None,
+                   help="the evaluation data (folder or labelled file), as for `eval`: int8 re-measures every "
+                   "subnet's accuracy on it (default: the data the bundle's manifest records)")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                   help="torch.onnx.export's exporter (default: %(default)s, ~10x faster to export here)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of torch and ONNX Runtime while measuring latency (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed runs per subnet, batch size and backend (default: %(default)s)")
+    p.set_defaults(func=_export)
+
     p = command("serve", "serve a bundle, or a folder of bundles, over gRPC on Ray")
     p.add_argument("bundle", help="a bundle directory, or a model repository: a folder whose sub-folders are bundles")
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC port binds")
@@ -268,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join the Ray cluster at HOST:PORT (default: start a local Ray of its own, on 127.0.0.1)")
     p.add_argument("--placement", default=None, help="JSON file mapping subnets to actors and resources "
                    "(default: the subnets dealt by cost onto two actors of 0.25 CPU)")
+    p.add_argument("--backend", choices=["torch", "onnx", "int8"], default=None,
+                   help="expert backend (default: the one the bundle was exported for, else torch); a placement "
+                        "actor's own `backend` wins")
     p.add_argument("--max-batch-size", type=int, default=32, help="most rows in one expert call")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long a batch waits for more rows before it is sent, in milliseconds")

@@ -3,7 +3,8 @@
 CONTRACT: `EngineConfig` and `PlacementConfig` are read by the gRPC layer and the CLI; a bad
 value raises ValueError naming the field. The placement file format is
 {"actors": [{"name": "small", "subnets": ["w0.25-d3-p0"], "replicas": 1, "num_cpus": 0.25,
-"num_gpus": 0, "resources": {"node2": 0.01}}]}.
+"num_gpus": 0, "resources": {"node2": 0.01}, "backend": "int8"}]} ("backend" optional: torch, onnx or
+int8; default: `EngineConfig.backend`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dynaroute.experts.backends import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,14 @@ class ActorPlacement:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
+    backend: str | None = None  # torch, onnx or int8; None: the engine's (EngineConfig.backend)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("ActorPlacement.name must be a non-empty string")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"ActorPlacement.backend of {self.name!r} must be one of {list(BACKENDS)}, "
+                             f"got {self.backend!r}")
         object.__setattr__(self, "subnets", tuple(self.subnets))
         if not self.subnets or not all(isinstance(s, str) and s for s in self.subnets):
             raise ValueError(f"ActorPlacement.subnets of {self.name!r} must be a non-empty list of subnet names")
@@ -184,6 +191,7 @@ class EngineConfig:
     default_num_actors: int = 2  # without a placement: subnets grouped onto this many actors
     default_num_cpus: float = 0.25  # without a placement: CPUs each actor asks for
     ready_timeout_s: float = 120.0  # how long start() waits for the actors to load
+    backend: str | None = None  # experts' backend (torch, onnx, int8); None: the bundle's default_backend
     slo: SloConfig = SloConfig()  # the latency objective and its controller (`--slo-ms`)
 
     def __post_init__(self) -> None:
@@ -204,6 +212,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.default_quality must be in [0, 1], got {self.default_quality!r}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < -1:
             raise ValueError(f"EngineConfig.max_restarts must be -1 (forever) or >= 0, got {self.max_restarts!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"EngineConfig.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if not isinstance(self.slo, SloConfig):
             raise ValueError(f"EngineConfig.slo must be a SloConfig, got {type(self.slo).__name__}")
         if self.placement is not None and not isinstance(self.placement, PlacementConfig):

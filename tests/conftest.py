@@ -34,6 +34,41 @@ def digits_paths_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_exported_dir(digits_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the digits bundle exported for both ONNX Runtime backends (onnx, then int8: the
+    bundle's default backend is int8)."""
+    from dynaroute.export import export_bundle
+
+    root = tmp_path_factory.mktemp("exported") / "digits"
+    shutil.copytree(digits_bundle_dir, root)
+    for backend in ("onnx", "int8"):
+        export_bundle(root, backend, latency_repeats=3)
+    return root
+
+
+# The tiny SST-2 bundle's subnets that `sst2_exported_dir` exports (the others stay torch-only).
+SST2_EXPORTED = ("w0.25-d3-p0", "w0.5-d4-p0", "w1-d6-p0")
+
+
+@pytest.fixture(scope="session")
+def sst2_exported_dir(sst2_tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny SST-2 bundle with three subnets exported for onnx and int8 through the
+    real CLI (`dynaroute export --subnets`)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("exported") / "sst2"
+    shutil.copytree(sst2_tiny_bundle_dir, root)
+    for backend in ("onnx", "int8"):
+        done = subprocess.run([sys.executable, "-m", "dynaroute", "export", str(root), "--backend", backend,
+                               "--subnets", *SST2_EXPORTED, "--repeats", "2"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert f"exported {len(SST2_EXPORTED)} subnets for backend '{backend}'" in done.stdout
+    return root
+
+
+@pytest.fixture(scope="session")
 def digits_server(digits_bundle_dir: Path):
     """`dynaroute serve` on the digits bundle (subprocess, local Ray, free ports, the HTTP/REST
     port on), shared by the integration and e2e tests of the API; stopped with SIGTERM at the

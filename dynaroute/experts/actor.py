@@ -1,10 +1,13 @@
 """The expert: holds extracted subnets and runs batches of them with batched early exit.
 
 `ExpertWorker` is a plain class (unit-testable without Ray); `ExpertActor` is the same class
-as a Ray actor. The worker loads the weights from the bundle path on its own node and uses
-CUDA when torch sees a GPU. It builds the supernet with `Bundle.load`, which finds the family
-by the manifest's name (dynaroute.registry) exactly as the gateway and `dynaroute eval` do: a
-user's family's package must be importable on every node that runs an expert.
+as a Ray actor. The worker loads the weights from the bundle path on its own node and runs
+its subnets on a backend (dynaroute/experts/backends.py: torch eager, on CUDA when torch sees a
+GPU; or ONNX Runtime graphs exported into the bundle); every backend offers the same staged
+interface, so batched early exit is the same loop on each. It builds the supernet with
+`Bundle.load`, which finds the family by the manifest's name (dynaroute.registry) exactly as the
+gateway and `dynaroute eval` do: a user's family's package must be importable on every node that
+runs an expert.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ray
 import torch
 
 from dynaroute.bundle import Bundle
+from dynaroute.experts.backends import make_backend
 from dynaroute.experts.base import StagedModule, select_rows
 from dynaroute.experts.spec import SubnetSpec
 
@@ -35,18 +39,22 @@ def _to_tensor(a: Any, device: torch.device) -> torch.Tensor:
 class ExpertWorker:
     """Runs the subnets it holds. `run` is one batch of one subnet, `run_groups` many at once."""
 
-    def __init__(self, bundle_path: str, subnets: Sequence[str], torch_threads: int | None = 1):
+    def __init__(self, bundle_path: str, subnets: Sequence[str], torch_threads: int | None = 1,
+                 backend: str | None = None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         bundle = Bundle.load(bundle_path)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.backend = make_backend(backend or bundle.default_backend)
+        self.device = self.backend.device
         supernet = bundle.supernet()
         self.modules: dict[str, StagedModule] = {}
         self.exit_flops: dict[str, np.ndarray] = {}
         self.flops: dict[str, int] = {}
         for name in subnets:
             info = bundle.subnet_info(name)
-            self.modules[name] = supernet.extract(SubnetSpec.parse(name)).to(self.device).eval()
+            graphs = bundle.backend_graphs(self.backend.name, name) if self.backend.exported else None
+            module = supernet.extract(SubnetSpec.parse(name)).eval()
+            self.modules[name] = self.backend.load(module, graphs, torch_threads or 1)
             self.exit_flops[name] = np.asarray(info["exit_flops"], dtype=np.int64)
             self.flops[name] = int(info["flops"])
         del supernet

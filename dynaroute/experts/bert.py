@@ -172,6 +172,16 @@ def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def _linear(lin: nn.Linear, x: torch.Tensor, out: int | None = None, inp: int | None = None) -> torch.Tensor:
+    """`lin` on x keeping only its first `out` outputs / `inp` inputs (width slicing). Uncut (an
+    extracted subnet), it is the module's own call, so that module swaps such as torch's dynamic
+    int8 quantisation apply."""
+    if (out is None or out == lin.out_features) and (inp is None or inp == lin.in_features):
+        return lin(x)
+    weight = lin.weight[:out] if inp is None else lin.weight[:, :inp]
+    return F.linear(x, weight, lin.bias if inp is not None else lin.bias[:out])
+
+
 class Layer(nn.Module):
     """One transformer layer. `heads` / `neurons` run only the first ones (width slicing)."""
 
@@ -201,8 +211,7 @@ class Layer(nn.Module):
         n, length, _ = h.shape
 
         def proj(lin: nn.Linear) -> torch.Tensor:
-            x = F.linear(h, lin.weight[:n_inner], lin.bias[:n_inner])
-            return x.view(n, length, heads, self.head_dim).transpose(1, 2)
+            return _linear(lin, h, out=n_inner).view(n, length, heads, self.head_dim).transpose(1, 2)
 
         q, k, v = proj(self.query), proj(self.key), proj(self.value)
         if attention == "matmul":  # the plain form: what FLOP counting and the reference use
@@ -211,10 +220,10 @@ class Layer(nn.Module):
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
         ctx = ctx.transpose(1, 2).reshape(n, length, n_inner)
-        a = F.linear(ctx, self.attn_out.weight[:, :n_inner], self.attn_out.bias)
+        a = _linear(self.attn_out, ctx, inp=n_inner)
         h = self.attn_norm(h + F.dropout(a, p, self.training))
-        z = F.gelu(F.linear(h, self.ffn_in.weight[:neurons], self.ffn_in.bias[:neurons]))
-        z = F.linear(z, self.ffn_out.weight[:, :neurons], self.ffn_out.bias)
+        z = F.gelu(_linear(self.ffn_in, h, out=neurons))
+        z = _linear(self.ffn_out, z, inp=neurons)
         return self.ffn_norm(h + F.dropout(z, p, self.training))
 
 

@@ -30,7 +30,8 @@ def create_actors(bundle_path: str | Path, placement: PlacementConfig, config: E
         if spec.resources:
             options["resources"] = dict(spec.resources)
         handles[spec.name] = [
-            ExpertActor.options(**options).remote(path, list(spec.subnets), config.expert_threads)
+            ExpertActor.options(**options).remote(path, list(spec.subnets), config.expert_threads,
+                                                  spec.backend or config.backend)
             for _ in range(spec.replicas)
         ]
     return handles

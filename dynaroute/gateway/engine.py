@@ -158,7 +158,7 @@ class RayEngine:
         bundle = Bundle.load(bundle_path)
         placement = config.placement or cls.default_placement(bundle, config)
         placement.check_subnets([s["name"] for s in bundle.subnet_infos])
-        router = RouterRuntime.from_bundle(bundle, default_quality=config.default_quality)
+        router = RouterRuntime.from_bundle(bundle, default_quality=config.default_quality, backend=config.backend)
         handles = create_actors(bundle.root, placement, config)
         try:
             await wait_ready(handles, config.ready_timeout_s)

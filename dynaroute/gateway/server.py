@@ -263,7 +263,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     engine = EngineConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, placement=placement,
                           ready_timeout_s=args.ready_timeout_s, max_queue_size=args.max_queue_size,
                           slo=SloConfig(objective_ms=args.slo_ms, lower_at=args.slo_lower_at,
-                                        restore_at=args.slo_restore_at, hold_s=args.slo_hold_s))
+                                        restore_at=args.slo_restore_at, hold_s=args.slo_hold_s),
+                          backend=getattr(args, "backend", None))
     return server, engine
 
 
@@ -278,12 +279,18 @@ def main_serve(args: argparse.Namespace) -> int:
     try:
         server_config, engine_config = configs_from_args(args)
         bundles = [Bundle.load(path) for path in bundles_in(Path(args.bundle)).values()]
-        if engine_config.placement is not None:  # --placement places every model's subnets
-            for bundle in bundles:
-                try:
-                    engine_config.placement.check_subnets([s["name"] for s in bundle.subnet_infos])
-                except ValueError as e:
-                    raise ValueError(f"model {bundle.name!r}: {e}") from None
+        placement = engine_config.placement  # --placement places every model's subnets
+        for bundle in bundles:
+            try:
+                if placement is not None:
+                    placement.check_subnets([s["name"] for s in bundle.subnet_infos])
+                # Every backend an actor will use, with its graphs' checksums, before Ray starts.
+                default = engine_config.backend or bundle.default_backend
+                for backend, subnets in ([(a.backend or default, a.subnets) for a in placement.actors] if placement
+                                         else [(default, None)]):
+                    bundle.check_backend(backend, subnets)
+            except ValueError as e:
+                raise ValueError(f"model {bundle.name!r}: {e}") from None
     except (BundleError, ValueError) as e:
         logs.error_line(__name__, f"dynaroute serve: {e}")
         return 2

@@ -53,7 +53,9 @@ class RouterRuntime:
         }
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, default_quality: float = 1.0) -> RouterRuntime:
+    def from_bundle(cls, bundle: Bundle, default_quality: float = 1.0, backend: str | None = None) -> RouterRuntime:
+        """The bundle's router, resolving budgets through the calibration measured for the
+        experts' `backend` (default: the bundle's default backend; see `Bundle.calibration`)."""
         m = bundle.manifest
         if "router" not in m or "calibration" not in m:
             raise BundleError(f"bundle {bundle.name!r} has no router or calibration; retrain it with `dynaroute train`")
@@ -65,7 +67,7 @@ class RouterRuntime:
         path = bundle.root / info["weights"]
         check_weights(router, path, "router")
         router.load_state_dict(load_file(str(path)))
-        calibration = CalibrationTable.from_dict(m["calibration"])
+        calibration = CalibrationTable.from_dict(bundle.calibration(backend))
         rows = bundle.subnet_infos
         return cls(router, info["flops"], [r["name"] for r in rows], [r["flops"] for r in rows], calibration,
                    default_quality)

@@ -9,6 +9,7 @@ before anything is trained or written, so bad data leaves no bundle behind. `dyn
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +52,13 @@ def supernet_family(family: str | type[DynamicModel] | None, kind: str) -> type[
     cls = SUPERNET_FAMILIES.resolve(family) if isinstance(family, str) else family
     if not (isinstance(cls, type) and issubclass(cls, DynamicModel)):
         raise TypeError(f"family must be a name or a DynamicModel subclass; got {family!r}")
+    if kind == "tabular":
+        fields = {f.name for f in dataclasses.fields(cls.config_class)} if dataclasses.is_dataclass(
+            getattr(cls, "config_class", None)) else set()
+        missing = sorted({"in_features", "num_classes", "widths"} - fields)
+        if missing:
+            raise ValueError(f"family {cls.family!r} cannot be trained on tabular data: its config has no "
+                             f"{', '.join(missing)} (the pipeline sizes the model from the data)")
     if kind == "text" and cls is not SUPERNET_FAMILIES.resolve(FAMILY_FOR_KIND["text"]):
         raise ValueError(f"text data trains the {FAMILY_FOR_KIND['text']!r} family (its distillation stages are "
                          f"DynaBERT's); got family {cls.family!r}")

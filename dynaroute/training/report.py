@@ -91,6 +91,8 @@ def build_report(bundle: Bundle, data_path: str | Path | None = None,
     subnets = [
         {k: r[k] for k in ("name", "width", "depth", "path", "params", "flops", "val_accuracy", "test_accuracy")}
         | {"flops_ratio": r["flops"] / full_flops}
+        # measured in-process latency per backend at batch 1 and 32 (`dynaroute export` measures them)
+        | {"latency_ms": {b: {n: bundle.latency_ms(r["name"], b, n) for n in (1, 32)} for b in bundle.backends}}
         for r in bundle.subnet_infos
     ]
     report: dict[str, Any] = {"model": bundle.name, "labels": list(bundle.labels), "full_subnet": bundle.full_subnet,
@@ -99,7 +101,7 @@ def build_report(bundle: Bundle, data_path: str | Path | None = None,
         return report
     data = eval_data(bundle, data_path, reading)
     model = bundle.supernet()
-    runtime = RouterRuntime.from_bundle(bundle)
+    runtime = RouterRuntime.from_bundle(bundle, backend="torch")  # the outputs evaluated here are torch's
     table = runtime.calibration
     test_x, test_y = data["test"]
     probs_of = data.get("subnet_probs")
@@ -194,10 +196,14 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'subnet':<14}{'params':>9}{'FLOPs':>11}{'ratio':>8}{'val acc':>9}{'test acc':>10}"]
+    backends = list(report["subnets"][0].get("latency_ms", {})) if report["subnets"] else []
+    # one latency column per backend: "ms b1/b32", "-" where not measured
+    lines = [f"{'subnet':<14}{'params':>9}{'FLOPs':>11}{'ratio':>8}{'val acc':>9}{'test acc':>10}"
+             + "".join(f"{b + ' ms b1/b32':>20}" for b in backends)]
     for s in report["subnets"]:
+        ms = ["/".join("-" if v is None else f"{v:.2f}" for v in s["latency_ms"][b].values()) for b in backends]
         lines.append(f"{s['name']:<14}{s['params']:>9}{s['flops']:>11}{s['flops_ratio']:>8.3f}"
-                     f"{s['val_accuracy']:>9.4f}{s['test_accuracy']:>10.4f}")
+                     f"{s['val_accuracy']:>9.4f}{s['test_accuracy']:>10.4f}" + "".join(f"{m:>20}" for m in ms))
     if "dynamic" not in report:
         return "\n".join(lines)
     r = report["router"]

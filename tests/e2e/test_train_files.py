@@ -75,7 +75,7 @@ def test_text_tsv_with_three_string_labels_trains_evaluates_and_keeps_the_names(
     bundle = Bundle.load(out)
     m = bundle.manifest
     assert bundle.labels == TEXT_LABELS and m["task"]["labels"] == TEXT_LABELS
-    assert m["supernet"]["family"] == "dynabert" and m["supernet"]["config"]["num_classes"] == 3
+    assert m["supernet"]["family"] == "dynaroute.experts.bert:DynaBert" and m["supernet"]["config"]["num_classes"] == 3
     assert m["input"]["kind"] == "text" and m["input"]["max_length"] == 24
     # which rows of which file each split used: val and test split off the file, the router's held out of train
     rows = m["data"]["rows"]
@@ -197,5 +197,5 @@ def test_python_api_trains_from_arrays_and_returns_the_bundle(tmp_path: Path) ->
     assert isinstance(bundle, Bundle) and bundle.labels == ["setosa", "versicolor", "virginica"]
     assert bundle.manifest["input"]["kind"] == "tabular" and len(bundle.manifest["input"]["mean"]) == 4
     assert (tmp_path / "iris.run" / "supernet.safetensors").is_file()
-    with pytest.raises(ValueError, match="trains family 'slimmable_mlp' on tabular data"):
+    with pytest.raises(ValueError, match="cannot be trained on tabular data: its config has no in_features"):
         dynaroute.train((d.data, names), tmp_path / "other", family="dynabert")

@@ -9,7 +9,7 @@ import sys
 
 from dynaroute.cli import HelpFormatter, build_parser
 
-COMMANDS = {"train", "eval", "serve", "infer", "models", "demo"}
+COMMANDS = {"train", "eval", "export", "serve", "infer", "models", "demo"}
 _NO_HELP_NEEDED = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 
 
