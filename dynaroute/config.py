@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynaroute.experts.backends import BACKENDS
+# The expert backends (dynaroute/experts/backends.py, one class each): named here, where configs
+# are checked, so that building a config loads neither torch nor ONNX Runtime.
+BACKENDS = ("torch", "onnx", "int8")
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynaroute.config import BACKENDS
 from dynaroute.experts.base import StagedModule, State
 
 # The backends an expert can run; "torch" needs no exported graphs.
-BACKENDS = ("torch", "onnx", "int8")
 DEFAULT_BACKEND = "torch"
 OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
