@@ -18,13 +18,14 @@ from dynaroute._proto import grpc_service_pb2_grpc as pb_grpc
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, UnavailableError, shown
 from dynaroute.gateway.native import deadline_of
 from dynaroute.gateway.open_inference import (
-    DATATYPE_OF,
     DATATYPES,
     InferCall,
     OpenInference,
     PreparedCall,
     WireTensor,
     server_version,
+    wire_bytes,
+    wire_datatype,
 )
 from dynaroute.gateway.repository import VERSION, Repository
 from dynaroute.gateway.status import status_for
@@ -147,15 +148,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model=req.model_name, version=req.model_version, id=req.id,
             parameters={k: _param_value(v) for k, v in req.parameters.items()}, inputs=tensors,
             outputs=[o.name for o in req.outputs], size=req.ByteSize(),
+            classification={o.name: _param_value(o.parameters["classification"]) for o in req.outputs
+                            if "classification" in o.parameters},
         )
 
     def _encode(self, call: PreparedCall, results: list[InferResult]) -> Any:
         resp = pb.ModelInferResponse(model_name=call.model, model_version=VERSION, id=call.id)
-        arrays = OpenInference.output_arrays(results)
+        arrays = OpenInference.output_arrays(results, call)
         for name in call.outputs:
             a = arrays[name]
-            resp.outputs.add(name=name, datatype=DATATYPE_OF[str(a.dtype.newbyteorder("="))], shape=list(a.shape))
-            resp.raw_output_contents.append(a.tobytes())
+            resp.outputs.add(name=name, datatype=wire_datatype(a), shape=list(a.shape))
+            resp.raw_output_contents.append(wire_bytes(a))
         for key, value in OpenInference.response_parameters(results).items():
             _set_param(resp.parameters[key], value)
         return resp

@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import json
 import math
+import struct
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,42 @@ def decode_budget(params: Mapping[str, Any]) -> Budget:
         raise InvalidInputError(f"parameters: {e}") from None
 
 
+def classification_counts(requested: Mapping[str, Any], num_classes: int) -> dict[str, int]:
+    """Checked `classification` parameters (Triton's classification extension): a class count
+    k >= 1 on the `logits` output, served as min(k, number of classes)."""
+    out = {}
+    for name, k in requested.items():
+        if name != "logits":
+            raise InvalidInputError(f"outputs: classification applies to the 'logits' output, not {shown(name)}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidInputError(f"outputs[{name!r}].parameters.classification: got {shown(k)}; expected a class "
+                                    "count >= 1")
+        out[name] = min(k, num_classes)
+    return out
+
+
+def top_classes(logits: np.ndarray, k: int, labels: Sequence[str]) -> np.ndarray:
+    """BYTES [N, k]: each row's k highest logits as "value:index:label", highest first, as
+    Triton's classification extension writes them."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return np.array([[f"{row[j]:f}:{j}:{labels[j]}".encode() for j in idx] for row, idx in zip(logits, order,
+                                                                                              strict=True)],
+                    dtype=object).reshape(len(logits), k)
+
+
+def wire_datatype(a: np.ndarray) -> str:
+    """The protocol's datatype of an output array."""
+    return "BYTES" if a.dtype == object else DATATYPE_OF[str(a.dtype.newbyteorder("="))]
+
+
+def wire_bytes(a: np.ndarray) -> bytes:
+    """An output's raw contents: little-endian values, or for BYTES each element after its
+    4-byte little-endian length, as the protocol lays them out."""
+    if a.dtype != object:
+        return a.tobytes()
+    return b"".join(struct.pack("<I", len(x)) + x for x in a.reshape(-1))
+
+
 def check_repository_parameters(params: Mapping[str, Any], allowed: tuple[str, ...], call: str) -> None:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
@@ -160,6 +197,9 @@ class InferCall:
     inputs: Sequence[WireTensor]
     outputs: Sequence[str]  # requested output names; empty: all of them
     size: int  # bytes on the wire
+    # Triton's classification extension: output name -> the `classification` parameter asked
+    # for it (a class count k: the output becomes the top k as "value:index:label" strings).
+    classification: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -171,6 +211,8 @@ class PreparedCall:
     budget: Budget
     rows: list[np.ndarray] | list[str]
     outputs: list[str]
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top k, checked
+    labels: tuple[str, ...] = ()  # the model's class names, for classification outputs
 
 
 class OpenInference:
@@ -304,10 +346,13 @@ class OpenInference:
         model = held.enter_context(self.models.use(call.model, call.version, field="model_name"))
         budget = decode_budget(call.parameters)
         names = self.requested_outputs(call.outputs)
+        labels = tuple(model.engine.model_info()["labels"])
+        classification = classification_counts(call.classification, len(labels))
         rows = self.decode_rows(model, call.inputs)
         if len(rows) > 1:
             model.engine.admit(len(rows))
-        return model, PreparedCall(model=model.name, id=call.id, budget=budget, rows=rows, outputs=names)
+        return model, PreparedCall(model=model.name, id=call.id, budget=budget, rows=rows, outputs=names,
+                                   classification=classification, labels=labels)
 
     def count_refused(self, model: str, error: BaseException) -> None:
         """Count a call refused before the engine (by `prepare`, or by the transport), labelled
@@ -349,13 +394,17 @@ class OpenInference:
         return list(results)
 
     @staticmethod
-    def output_arrays(results: Sequence[InferResult]) -> dict[str, np.ndarray]:
-        """Every output, little-endian, as the protocol's datatypes (DATATYPE_OF) name them."""
-        return {
+    def output_arrays(results: Sequence[InferResult], call: PreparedCall | None = None) -> dict[str, np.ndarray]:
+        """Every output, little-endian, as the protocol's datatypes (DATATYPE_OF) name them; an
+        output asked for as a classification is the BYTES [N, k] of its top k classes."""
+        arrays = {
             "logits": np.stack([r.logits.reshape(-1) for r in results]).astype("<f4"),
             "label": np.asarray([r.label for r in results], dtype="<i8"),
             "confidence": np.asarray([r.confidence for r in results], dtype="<f4"),
         }
+        for name, k in (call.classification.items() if call is not None else ()):
+            arrays[name] = top_classes(arrays[name], k, call.labels)
+        return arrays
 
     @staticmethod
     def response_parameters(results: Sequence[InferResult]) -> dict[str, str | int | float | bool]:

@@ -153,8 +153,13 @@ def openapi_document() -> dict[str, Any]:
         "RequestOutput": {
             "type": "object", "required": ["name"],
             "properties": {"name": {"type": "string", "enum": list(OUTPUTS)},
-                           "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}},
-                                          "additionalProperties": False}},
+                           "parameters": {"type": "object", "properties": {
+                               "binary_data": {"type": "boolean"},
+                               "classification": {
+                                   "type": "integer", "minimum": 1,
+                                   "description": "logits only (Triton's classification extension): the top k "
+                                                  "classes as BYTES \"value:index:label\" strings"}},
+                               "additionalProperties": False}},
             "additionalProperties": False,
         },
         "InferenceRequest": {

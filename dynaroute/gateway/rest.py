@@ -31,7 +31,6 @@ from dynaroute.config import ServerConfig
 from dynaroute.errors import InvalidInputError, ModelNotFoundError, TooLargeError, UnavailableError, shown
 from dynaroute.gateway.inputs import MAX_DIMS
 from dynaroute.gateway.open_inference import (
-    DATATYPE_OF,
     DATATYPES,
     OUTPUTS,
     InferCall,
@@ -39,6 +38,8 @@ from dynaroute.gateway.open_inference import (
     PreparedCall,
     WireTensor,
     server_version,
+    wire_bytes,
+    wire_datatype,
 )
 from dynaroute.gateway.openapi import openapi_document
 from dynaroute.gateway.repository import VERSION, IndexEntry, Repository
@@ -215,36 +216,37 @@ def decode_request(model: str, version: str, body: bytes, header_length: str | N
     outputs = doc.get("outputs", [])
     if not isinstance(outputs, list):
         raise InvalidInputError(f"outputs: got {shown(outputs)}; expected a JSON array of requested outputs")
-    names, binary_out = [], {}
+    names, binary_out, classification = [], {}, {}
     for i, o in enumerate(outputs):
         o = _object(f"outputs[{i}]", o, {"name", "parameters"})
         name = _string(f"outputs[{i}].name", o.get("name"))
-        oparams = _object(f"outputs[{i}].parameters", o.get("parameters", {}), {"binary_data"})
+        oparams = _object(f"outputs[{i}].parameters", o.get("parameters", {}), {"binary_data", "classification"})
+        if "classification" in oparams:
+            classification[name] = oparams["classification"]
         flag = oparams.get("binary_data", binary_default)
         if not isinstance(flag, bool):
             raise InvalidInputError(f"outputs[{i}].parameters.binary_data: got {shown(flag)}; expected a boolean")
         names.append(name)
         binary_out[name] = flag
     call = InferCall(model=model, version=version, id=request_id, parameters=params, inputs=tensors, outputs=names,
-                     size=len(body))
+                     size=len(body), classification=classification)
     return call, Transport(deadline=deadline, binary={n: binary_out.get(n, binary_default) for n in OUTPUTS})
 
 
 def encode_response(call: PreparedCall, transport: Transport, results: list[InferResult]) -> web.Response:
     """The results as the protocol's JSON response; outputs asked for as binary follow the JSON
     header as raw little-endian bytes, in output order."""
-    arrays = OpenInference.output_arrays(results)
+    arrays = OpenInference.output_arrays(results, call)
     outputs, chunks = [], []
     for name in call.outputs:
         a = arrays[name]
-        out: dict[str, Any] = {"name": name, "datatype": DATATYPE_OF[str(a.dtype.newbyteorder("="))],
-                               "shape": list(a.shape)}
+        out: dict[str, Any] = {"name": name, "datatype": wire_datatype(a), "shape": list(a.shape)}
         if transport.binary[name]:
-            data = a.tobytes()
+            data = wire_bytes(a)
             out["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            out["data"] = a.reshape(-1).tolist()
+            out["data"] = [x.decode() for x in a.reshape(-1)] if a.dtype == object else a.reshape(-1).tolist()
         outputs.append(out)
     head = json.dumps({
         "model_name": call.model, "model_version": VERSION, "id": call.id,

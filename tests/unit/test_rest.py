@@ -84,8 +84,8 @@ def test_binary_tensor_data_follows_the_json_header() -> None:
         (json.dumps({"inputs": [], "parameters": {"timeout": -5}}).encode(), None, "parameters.timeout"),
         (json.dumps({"inputs": [], "parameters": {"quality": [1]}}).encode(), None, "parameters.quality"),
         (json.dumps({"inputs": {}}).encode(), None, "inputs: got {}"),
-        (json.dumps({"inputs": [], "outputs": [{"name": "label", "parameters": {"classification": 2}}]}).encode(),
-         None, "'classification'"),
+        (json.dumps({"inputs": [], "outputs": [{"name": "label", "parameters": {"top_k": 2}}]}).encode(),
+         None, "'top_k'"),
     ],
 )
 def test_malformed_requests_are_refused_naming_the_field(body: bytes, header: str | None, needle: str) -> None:
@@ -189,3 +189,18 @@ async def test_rest_answers_per_model_of_the_repository_and_loads_and_unloads(tm
         assert await call("POST", "/v2/repository/models/alpha/load") == (200, {})  # a replace
         assert (await call("GET", "/v2/models/alpha"))[1]["outputs"][0]["shape"] == [-1, 3]
     await models.close()
+
+
+def test_classification_is_the_top_k_of_logits_as_value_index_label_and_checked() -> None:
+    from dynaroute.gateway.open_inference import classification_counts, top_classes, wire_bytes, wire_datatype
+
+    logits = np.array([[0.5, 2.0, -1.0], [3.0, 1.0, 2.0]], np.float32)
+    top = top_classes(logits, 2, ("cat", "dog", "eel"))
+    assert top.tolist() == [[b"2.000000:1:dog", b"0.500000:0:cat"], [b"3.000000:0:cat", b"2.000000:2:eel"]]
+    assert wire_datatype(top) == "BYTES" and wire_datatype(logits) == "FP32"
+    assert wire_bytes(top[:1, :1]) == b"\x0e\x00\x00\x00" + b"2.000000:1:dog"  # length-prefixed, little-endian
+    assert classification_counts({"logits": 9}, 3) == {"logits": 3}  # at most the number of classes
+    with pytest.raises(errors.InvalidInputError, match="classification applies to the 'logits' output"):
+        classification_counts({"label": 2}, 3)
+    with pytest.raises(errors.InvalidInputError, match="expected a class count >= 1"):
+        classification_counts({"logits": 0}, 3)
