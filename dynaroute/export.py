@@ -38,6 +38,7 @@ from dynaroute.errors import BundleError
 from dynaroute.experts.backends import BACKENDS, make_backend
 from dynaroute.experts.base import StagedModule
 from dynaroute.experts.spec import SubnetSpec
+from dynaroute.training.evaluate import median_latency_ms
 
 FP32_TOLERANCE = 1e-4
 LATENCY_BATCHES = (1, 32)
@@ -101,18 +102,6 @@ def max_abs_diff(reference: StagedModule, module: StagedModule, x: Any) -> float
     """The largest absolute difference between two modules' logits at every exit."""
     return max(float((a.float() - b.float()).abs().max())
                for a, b in zip(reference.forward_exits(x), module.forward_exits(x), strict=True))
-
-
-@torch.no_grad()
-def median_ms(module: StagedModule, x: Any, repeats: int) -> float:
-    for _ in range(2):
-        module(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        module(x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 @torch.no_grad()
@@ -195,8 +184,8 @@ def export_bundle(
                                   f"more than the {FP32_TOLERANCE:g} allowed; nothing was written")
             row: dict[str, Any] = {"graphs": graphs, "max_abs_diff": diff, "latency_ms": {}, "torch_latency_ms": {}}
             for b, x in timing.items():
-                row["latency_ms"][str(b)] = median_ms(module, x, latency_repeats)
-                row["torch_latency_ms"][str(b)] = median_ms(reference, x, latency_repeats)
+                row["latency_ms"][str(b)] = median_latency_ms(module, x, latency_repeats)
+                row["torch_latency_ms"][str(b)] = median_latency_ms(reference, x, latency_repeats)
             if backend_name == "int8":
                 for split in ("val", "test"):
                     row[f"{split}_accuracy"] = accuracy(module, *data[split])

@@ -13,7 +13,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from prometheus_client.parser import text_string_to_metric_families
+
+from dynaroute.bundle import Bundle
 
 READY = re.compile(r"dynaroute: serving model=(\S+) grpc=(\S+) metrics=(\S+)(?: http=(\S+))?")
 STARTING = re.compile(r"dynaroute: starting bundle=\S+ grpc=(\S+)(?: http=(\S+))?")
@@ -98,3 +102,10 @@ def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text) for s in family.samples
     }
+
+
+def full_logits(bundle: Bundle, x: np.ndarray) -> np.ndarray:
+    """The full subnet called in-process: what a pinned full-subnet request must answer."""
+    with torch.no_grad():
+        out = bundle.extract(bundle.full_subnet)(torch.as_tensor(x))
+    return (out[-1] if isinstance(out, list | tuple) else out).numpy()

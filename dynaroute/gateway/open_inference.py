@@ -346,13 +346,12 @@ class OpenInference:
         model = held.enter_context(self.models.use(call.model, call.version, field="model_name"))
         budget = decode_budget(call.parameters)
         names = self.requested_outputs(call.outputs)
-        labels = tuple(model.engine.model_info()["labels"])
-        classification = classification_counts(call.classification, len(labels))
+        classification = classification_counts(call.classification, len(model.labels))
         rows = self.decode_rows(model, call.inputs)
         if len(rows) > 1:
             model.engine.admit(len(rows))
         return model, PreparedCall(model=model.name, id=call.id, budget=budget, rows=rows, outputs=names,
-                                   classification=classification, labels=labels)
+                                   classification=classification, labels=model.labels)
 
     def count_refused(self, model: str, error: BaseException) -> None:
         """Count a call refused before the engine (by `prepare`, or by the transport), labelled

@@ -75,7 +75,9 @@ class Model:
         self.engine = engine
         self.path = path
         self.name = engine.model_name
-        self.codec = codec_for(engine.model_info()["input"])
+        info = engine.model_info()
+        self.codec = codec_for(info["input"])
+        self.labels: tuple[str, ...] = tuple(info["labels"])
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynaroute.bundle import Bundle
 from dynaroute.data import load_digits_splits
+from tests.serving import full_logits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,12 +33,6 @@ def test_x() -> np.ndarray:
 @pytest.fixture(scope="module")
 def bundle(digits_bundle_dir) -> Bundle:
     return Bundle.load(digits_bundle_dir)
-
-
-def full_logits(bundle: Bundle, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        out = bundle.extract(bundle.full_subnet)(torch.as_tensor(x))
-    return (out[-1] if isinstance(out, list | tuple) else out).numpy()
 
 
 def http(server, method: str, path: str, body: bytes | dict | None = None,

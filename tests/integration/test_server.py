@@ -13,7 +13,6 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -21,6 +20,7 @@ from dynaroute._proto import dynaroute_pb2 as pb
 from dynaroute.bundle import Bundle
 from dynaroute.client import AsyncClient, Client, make_request
 from dynaroute.data import load_digits_splits
+from tests.serving import full_logits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,13 +39,6 @@ def client(digits_server):
 @pytest.fixture(scope="module")
 def bundle(digits_bundle_dir) -> Bundle:
     return Bundle.load(digits_bundle_dir)
-
-
-def full_logits(bundle: Bundle, x: np.ndarray) -> np.ndarray:
-    """The full subnet called in-process: what a pinned full-subnet request must answer."""
-    with torch.no_grad():
-        out = bundle.extract(bundle.full_subnet)(torch.as_tensor(x))
-    return (out[-1] if isinstance(out, list | tuple) else out).numpy()
 
 
 def assert_still_serving(client: Client, x: np.ndarray) -> None:
