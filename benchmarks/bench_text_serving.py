@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from loadgen import dynamic_budget
 
 from dynaroute.bundle import Bundle
 from dynaroute.client import AsyncClient
@@ -96,14 +97,7 @@ def main() -> int:
 
     bundle = Bundle.load(args.bundle)
     texts, labels = read_sst2(Path(args.data) / "dev.tsv", limit=args.n)
-    full = next(s for s in bundle.subnet_infos if s["name"] == bundle.full_subnet)
-    if args.budget_quality is not None:
-        dynamic: dict[str, object] = {"quality": args.budget_quality}
-    else:
-        # The full model's accuracy on the rows the calibration table was built on, less 0.5 points.
-        calibrated_full = bundle.manifest["calibration"].get("full_accuracy", full["val_accuracy"])
-        target = args.budget_target_accuracy
-        dynamic = {"target_accuracy": target if target is not None else calibrated_full - 0.005}
+    dynamic = dynamic_budget(bundle, args.budget_quality, args.budget_target_accuracy, backend="torch")
 
     extra = ["--placement", args.placement] if args.placement else []
     proc, address = start_server(Path(args.bundle), extra_args=extra)

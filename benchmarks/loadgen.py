@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from dynaroute.bundle import Bundle
 from dynaroute.client import AsyncClient
 from dynaroute.demo import start_server
 
@@ -48,6 +49,19 @@ def served(bundle: Path, extra_args: Sequence[str] = ()) -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
+
+
+def dynamic_budget(bundle: Bundle, quality: float | None = None, target_accuracy: float | None = None,
+                   backend: str | None = None) -> dict[str, float]:
+    """The dynamic route's budget for `AsyncClient.infer`: `quality` when given, else
+    `target_accuracy`, else the full model's accuracy on the rows the calibration table of
+    `backend` was built on, less 0.5 points (issue 5's bar)."""
+    if quality is not None:
+        return {"quality": quality}
+    if target_accuracy is not None:
+        return {"target_accuracy": target_accuracy}
+    full = bundle.subnet_info(bundle.full_subnet)
+    return {"target_accuracy": float(bundle.calibration(backend).get("full_accuracy", full["val_accuracy"])) - 0.005}
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float:

@@ -43,29 +43,40 @@ def start_server(
     """`dynaroute serve` as a subprocess on free ports; returns it and its gRPC address once the
     ready line appears (its output is echoed, prefixed, so that start-up problems are visible)."""
     cmd = [sys.executable, "-m", "dynaroute", "serve", str(bundle), "--port", "0", "--metrics-port", "0", *extra_args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    address: list[str] = []
-    ready = threading.Event()
+    proc, ready = start_until(cmd, READY, "dynaroute serve", timeout_s)
+    return proc, ready.group(2)
 
-    def read() -> None:
+
+def start_until(
+    cmd: Sequence[str], ready: re.Pattern[str], what: str, timeout_s: float = 300.0, tag: str = "server"
+) -> tuple[subprocess.Popen, re.Match[str]]:
+    """Start `cmd` and wait for a line of its output that matches `ready`; returns the process
+    and that match. Its ready line and any line that looks like an error are echoed, prefixed
+    with `[tag]`. Raises RuntimeError (having killed it) when it exits or `timeout_s` passes first."""
+    proc = subprocess.Popen(
+        list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    found: list[re.Match[str]] = []
+    event = threading.Event()
+
+    def read() -> None:  # keeps draining the pipe for the process's life, so that it never blocks on it
         assert proc.stdout is not None
         for line in proc.stdout:
-            m = READY.search(line)
+            m = None if found else ready.search(line)
             if m:
-                address.append(m.group(2))
-                ready.set()
+                found.append(m)
+                event.set()
             if m or "ERROR" in line or "Error" in line or "stopped" in line:
-                print(f"  [server] {line.rstrip()}", flush=True)
+                print(f"  [{tag}] {line.rstrip()}", flush=True)
 
     threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.2):
+    while not event.wait(0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"dynaroute serve did not become ready (exit code {proc.poll()})")
-    return proc, address[0]
+            raise RuntimeError(f"{what} did not become ready (exit code {proc.poll()})")
+    return proc, found[0]
 
 
 async def run_budget(address: str, x: np.ndarray, y: np.ndarray, quality: float) -> BudgetRow:

@@ -123,6 +123,32 @@ def export_graphs(module: StagedModule, example: Any, other: Any, exporter: str 
     return graphs
 
 
+class _Whole(nn.Module):
+    """A subnet's whole forward (input -> last exit's logits) over plain tensors."""
+
+    def __init__(self, module: StagedModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.module(tensors if len(tensors) > 1 else tensors[0])
+
+
+@torch.no_grad()
+def export_model(module: StagedModule, example: Any, other: Any, exporter: str = "torchscript") -> bytes:
+    """`module`'s whole forward as one serialised ONNX graph (inputs `in0`, ... as the model
+    input's tensors; output `out0`, the last exit's logits): the static model as a user would
+    export it, without the per-stage graphs that early exit needs (`export_graphs`).
+    `example` and `other` differ in batch size (and length, for text), as for `export_graphs`."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    whole = _Whole(module.eval()).eval()
+    args, other_args = _as_tuple(example), _as_tuple(other)
+    axes = {**_dynamic_axes(args, other_args, "in"),
+            **_dynamic_axes((whole(*args),), (whole(*other_args),), "out")}
+    return _export_one(whole, args, [f"in{k}" for k in range(len(args))], ["out0"], axes, exporter)
+
+
 def _export_one(part: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str],
                 axes: dict[str, dict[int, str]], exporter: str) -> bytes:
     with warnings.catch_warnings():

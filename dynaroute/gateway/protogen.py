@@ -29,6 +29,11 @@ def _rewrite_imports(text: str) -> str:
     for proto in PROTOS:
         package = str(Path(proto).parent).replace("/", ".")
         text = re.sub(rf"^from {re.escape(package)} import ", "from dynaroute._proto import ", text, flags=re.M)
+        # The messages' __module__ (the builder's module name) must be where they are imported from, or
+        # pickle cannot find their classes: Ray pickles a message that crosses processes (Ray Serve's
+        # gRPC proxy hands each request to its replica so).
+        module = str(Path(proto).with_suffix("")).replace("/", ".") + "_pb2"
+        text = text.replace(f"'{module}'", f"'dynaroute._proto.{module.rsplit('.', 1)[1]}'")
     return text
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
@@ -28,6 +31,22 @@ def test_stubs_import_as_a_package() -> None:
     assert [m.name for m in service.methods] == ["Infer", "InferBatch", "InferStream", "GetModel", "ListModels"]
     stream = service.methods_by_name["InferStream"]
     assert stream.client_streaming and stream.server_streaming
+
+
+def test_messages_survive_pickle() -> None:
+    """Ray pickles a message that crosses processes (Ray Serve's gRPC proxy hands each request
+    to its replica so): the classes must be importable under their `__module__`."""
+    from dynaroute._proto import dynaroute_pb2
+
+    request = dynaroute_pb2.InferRequest(model="m", text="a fine film")
+    request.budget.quality = 0.5
+    assert pickle.loads(pickle.dumps(request)) == request
+    # KServe's messages in a process of their own: tritonclient's clash with them in this one's
+    # descriptor pool (see _kserve_file_descriptor).
+    code = ("import pickle; from dynaroute._proto import grpc_service_pb2 as k; "
+            "m = k.ModelInferRequest(model_name='m'); assert pickle.loads(pickle.dumps(m)) == m")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def _kserve_file_descriptor(tmp_path: Path) -> descriptor_pb2.FileDescriptorProto:
