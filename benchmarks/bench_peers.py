@@ -66,6 +66,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import psutil
 import torch
@@ -269,8 +270,10 @@ def stop(proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
 
 
 def build(args: argparse.Namespace, names: list[str], bundle: Bundle, folder: Path,
-          procs: list[subprocess.Popen]) -> dict[str, System]:
-    """The systems called `names`, started (servers: appended to `procs`, for stopping)."""
+          procs: list[subprocess.Popen], failed: dict[str, str]) -> dict[str, System]:
+    """The systems called `names`, started (servers: appended to `procs`, for stopping). A server
+    that does not start is left out, its systems in `failed` with the reason, so that one peer's
+    trouble does not cost the others' figures."""
     systems: dict[str, System] = {}
     encoder = TextEncoder.from_bundle(bundle)
     if "torch" in names:
@@ -285,17 +288,25 @@ def build(args: argparse.Namespace, names: list[str], bundle: Bundle, folder: Pa
                 systems[f"ort-{kind}"].memory = probe_memory("onnx", bundle.root, args.threads, graphs[kind])
     if "rayserve" in names:
         print("starting Ray Serve ...", flush=True)
-        proc, ready = start_until([sys.executable, str(HERE / "peers_rayserve.py"), str(bundle.root),
-                                   "--threads", str(args.threads)], RAYSERVE_READY, "Ray Serve", tag="rayserve")
-        procs.append(proc)
-        systems["rayserve"] = Served(ready.group(1), proc.pid, {}, static=True, metadata=RAYSERVE_METADATA)
-        systems["rayserve"].memory = tree_memory(proc.pid)
+        try:
+            proc, ready = start_until([sys.executable, str(HERE / "peers_rayserve.py"), str(bundle.root),
+                                       "--threads", str(args.threads)], RAYSERVE_READY, "Ray Serve", tag="rayserve")
+        except RuntimeError as e:
+            failed["rayserve"] = str(e)
+        else:
+            procs.append(proc)
+            systems["rayserve"] = Served(ready.group(1), proc.pid, {}, static=True, metadata=RAYSERVE_METADATA)
+            systems["rayserve"].memory = tree_memory(proc.pid)
     for backend in BACKENDS:
         routes = [r for r in ("full", "dynamic") if f"dynaroute-{backend}-{r}" in names]
         if not routes:
             continue
         print(f"starting dynaroute serve --backend {backend} ...", flush=True)
-        proc, address = start_server(bundle.root, extra_args=["--backend", backend])
+        try:
+            proc, address = start_server(bundle.root, extra_args=["--backend", backend])
+        except RuntimeError as e:
+            failed.update({f"dynaroute-{backend}-{r}": str(e) for r in routes})
+            continue
         procs.append(proc)
         budgets = {"full": {"subnet": bundle.full_subnet},
                    "dynamic": dynamic_budget(bundle, args.budget_quality, args.budget_target_accuracy, backend)}
@@ -309,7 +320,7 @@ def build(args: argparse.Namespace, names: list[str], bundle: Bundle, folder: Pa
         for route in routes:
             systems[f"dynaroute-{backend}-{route}"].memory = memory
     idle_cpu(list(systems.values()))
-    return {n: systems[n] for n in names}
+    return {n: systems[n] for n in names if n in systems}
 
 
 def idle_cpu(systems: list[System], seconds: float = IDLE_CPU_S) -> None:
@@ -396,15 +407,24 @@ def main() -> int:
     bundle = Bundle.load(bundle_path)
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in args.systems}
     systems: dict[str, System] = {}
+    failed: dict[str, str] = {}  # system -> why it has no figures
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for group in server_groups(args.systems) if args.one_server_at_a_time else [args.systems]:
             procs: list[subprocess.Popen] = []
             try:
-                systems.update(build(args, group, bundle, Path(tmp), procs))
+                systems.update(build(args, group, bundle, Path(tmp), procs, failed))
                 for repeat in range(max(1, args.repeats)):
                     for name in group:
-                        runs[name].append(asyncio.run(drive(systems[name], texts, labels, requests, args.seconds)))
+                        if name in failed:
+                            continue
+                        try:
+                            runs[name].append(asyncio.run(drive(systems[name], texts, labels, requests,
+                                                                args.seconds)))
+                        except (grpc.RpcError, OSError, RuntimeError) as e:  # a server died or refused: say why
+                            failed[name] = f"repeat {repeat + 1}: {e!r}"
+                            print(f"  {name} failed: {failed[name]}", flush=True)
+                            continue
                         r = runs[name][-1]
                         print(f"  repeat {repeat + 1} {name}: {r['rps']:.1f} req/s, p99 {r['p99_ms']:.0f} ms, "
                               f"accuracy {r['accuracy']:.2%}, FLOPs {r['flops_ratio']:.1%}", flush=True)
@@ -412,13 +432,15 @@ def main() -> int:
                 for proc in procs:
                     stop(proc)
     results = {n: {**median(rs), "memory": systems[n].memory, "idle_cpu": systems[n].idle_cpu, "runs": rs}
-               for n, rs in runs.items()}
+               for n, rs in runs.items() if rs and n not in failed}
     summary = summarise(results)
     length = " or ".join(([f"{requests} requests"] if requests else [])
                          + ([f"{args.seconds:g} s"] if args.seconds else []))
     print(f"\n{bundle.name} ({bundle_path}): SST-2 dev sentences, {CONCURRENCY} in flight, {length} per run, "
           f"medians of {max(1, args.repeats)} alternating runs, {args.threads} threads for in-process and Ray Serve")
     print(table(results))
+    for name, why in failed.items():
+        print(f"no figures for {LABELS[name]}: {why}")
     if "dynamic_over_best_static" in summary:
         s = summary["dynamic_over_best_static"]
         print(f"(a) best dynaroute dynamic ({LABELS[s['dynamic']]}) / best static alternative "
@@ -432,7 +454,8 @@ def main() -> int:
         "one_server_at_a_time": args.one_server_at_a_time,
         "requests_per_run": requests, "seconds_per_run": args.seconds,
         "budgets": {n: s.budget for n, s in systems.items() if isinstance(s, Served)},
-        "wall_s": time.perf_counter() - started, "systems": results, "summary": summary}, indent=2))
+        "wall_s": time.perf_counter() - started, "systems": results, "failed": failed, "summary": summary},
+        indent=2))
     print(f"results: {out}")
     return 0
 
