@@ -250,9 +250,11 @@ def recalibrate(bundle: Bundle, modules: dict[str, StagedModule], data: dict[str
         return "not redone: the bundle has no router"
     val_x, val_y = data["val"]
     val_y = np.asarray(val_y)
-    if int(recorded.get("rows", len(val_y))) != len(val_y):
+    rows = calibration_rows(recorded, val_x, len(val_y))
+    if rows is None:
         return (f"not redone: the bundle was calibrated on {recorded.get('rows')} rows "
                 f"({recorded.get('rows_note', '')}), not the {len(val_y)} validation rows that can be read back")
+    val_x, val_y = rows_of(val_x, rows), val_y[rows]
     # The same count could be other rows: torch's full model must also score what the table recorded.
     torch_full = accuracy(bundle.supernet().extract(SubnetSpec.parse(bundle.full_subnet)).eval(), val_x, val_y)
     if "full_accuracy" in recorded and abs(torch_full - float(recorded["full_accuracy"])) > 1e-9:
@@ -270,6 +272,22 @@ def recalibrate(bundle: Bundle, modules: dict[str, StagedModule], data: dict[str
                     runtime.flops, bundle.full_flops, policies, reference=bundle.full_subnet)
     full = float((probs[bundle.full_subnet].argmax(-1) == val_y).mean())
     return {**new.to_dict(), "rows": len(val_y), "full_accuracy": full}
+
+
+def calibration_rows(recorded: dict[str, Any], val_x: Any, n: int) -> np.ndarray | None:
+    """The validation rows the recorded table was measured on, where they can be told: all of them,
+    or (SST-2: text calibrated on sentence-like rows only) the rows of sentence length, when their
+    count is the one recorded. None when the table also used rows only training knows."""
+    wanted = int(recorded.get("rows", n))
+    if wanted == n:
+        return np.arange(n)
+    if isinstance(val_x, tuple) and "sentence-like" in recorded.get("rows_note", ""):
+        from dynaroute.training.text import sentence_like_rows
+
+        rows, _ = sentence_like_rows(np.asarray(val_x[1]).sum(1).tolist())
+        if len(rows) == wanted:
+            return rows
+    return None
 
 
 def _digest(blob: bytes) -> str:

@@ -251,3 +251,19 @@ def test_int8_calibration_is_redone_and_the_router_resolves_budgets_through_it(d
 def test_int8_calibration_not_redone_says_why(sst2_exported):
     entry = Bundle.load(sst2_exported).manifest["backends"]["int8"]
     assert "calibration" not in entry and "only some subnets" in entry["calibration_note"]
+
+
+def test_int8_recalibration_finds_the_sentence_like_rows_an_sst2_table_was_measured_on():
+    from dynaroute.export import calibration_rows
+    from dynaroute.training.text import SENTENCE_TOKENS, sentence_like_rows
+
+    lengths = np.array([5, SENTENCE_TOKENS, 30, 8] * 60)
+    mask = (np.arange(40)[None, :] < lengths[:, None]).astype(np.int64)
+    val_x = (np.ones_like(mask), mask)
+    rows, note = sentence_like_rows(lengths.tolist())
+    recorded = {"rows": len(rows), "rows_note": note}
+    assert calibration_rows(recorded, val_x, len(lengths)).tolist() == rows.tolist() == [
+        i for i, n in enumerate(lengths) if n >= SENTENCE_TOKENS]
+    # more rows than the validation split holds: the table also used rows only training knows
+    assert calibration_rows({**recorded, "rows": len(rows) + 7}, val_x, len(lengths)) is None
+    assert calibration_rows({"rows": len(lengths)}, val_x, len(lengths)).tolist() == list(range(len(lengths)))
