@@ -41,6 +41,11 @@ class TextEncoder:
             raise BundleError(f"bundle {bundle.name!r} takes {spec.get('kind')!r} input, not text")
         return cls.from_file(bundle.root / spec["tokenizer"], int(spec["max_length"]))
 
+    @property
+    def pad_id(self) -> int:
+        """The id that pads a batch's shorter sentences."""
+        return self._pad_id()
+
     def _pad_token(self) -> str:
         pad = self.tokenizer.padding
         return pad["pad_token"] if pad else "[PAD]"
