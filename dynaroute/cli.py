@@ -72,7 +72,9 @@ def _run_train(args: argparse.Namespace) -> int:
         from dynaroute.training.sst2 import main_sst2
 
         return main_sst2(args)
-    tabular_cfg = SupernetTrainConfig(epochs=args.epochs or SupernetTrainConfig.epochs, seed=args.seed)
+    if args.epochs is not None and args.text_column is None and args.epochs != int(args.epochs):
+        raise ValueError(f"--epochs must be a whole number for tabular data, got {args.epochs:g}")
+    tabular_cfg = SupernetTrainConfig(epochs=int(args.epochs or SupernetTrainConfig.epochs), seed=args.seed)
     if args.task == "digits":
         from dynaroute.training.digits import train_digits
 
@@ -198,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's checkpoints, for resuming (default: <out>.run beside the bundle)")
     p.add_argument("--name", default=None, help="model name (default: the task, or the data file's name)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split and the training")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: tabular 80, text 1)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="training epochs; text takes fractions (default: tabular 80, text 1)")
     d = p.add_argument_group("data files (dynaroute train --data FILE)")
     d.add_argument("--data", default=None,
                    help="training data: .csv, .tsv, .jsonl or .npz (arrays X, y); sst2: the folder with train.tsv and "

@@ -31,6 +31,7 @@ table that meet the floor), which the SLO controller of the gateway does.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -361,33 +362,43 @@ def choose_cascade(
     max_rungs: int = 3,
     resamples: int = 200,
     seed: int = 0,
+    start_thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The cascade's ladder and first exit, chosen on the calibration split: among the
     sub-ladders of `frontier` (the validation Pareto frontier of static subnets, cheapest first)
     with 2..max_rungs rungs, and each first exit up to the ladder's shallowest rung's depth, the
     pair with the least `expected_cost` of reaching subnet `reference`'s accuracy less `gap`;
     returned as cascade options ({"ladder": [...], "first_exit": k}). `thresholds`: the
-    bounds swept (default: `default_thresholds`).
+    bounds swept (default: `default_thresholds`). `start_thresholds`, when given, are searched
+    too (the router's predicted correctness a row needs to start at a rung; 0: every row starts
+    at the cheapest) and the one chosen is returned as "start_threshold": where the router cannot
+    tell which rows the first rung fails, skipping it for some rows only pays the next rung.
 
     Every rung is paid in full when escalated past, so the whole frontier as a ladder
     overspends; and a shallow exit that is confidently wrong on long inputs forces the bound up
     for every row, so passing it by can be cheaper. When nothing ever reaches the target: the
     whole frontier, every exit."""
-    from itertools import combinations
+    from itertools import combinations, product
 
     thresholds = default_thresholds("cascade", correct_prob) if thresholds is None else thresholds
     draws = bootstrap_counts(len(labels), resamples, seed)
     ref = outputs.probs[outputs.index[reference]].argmax(-1) == labels
     fallback = float(outputs.flops[outputs.index[reference]])
+    searched_start = start_thresholds is not None
+    starts = list(start_thresholds) if searched_start else [None]
     best: tuple[float, dict[str, Any]] | None = None
     for k in range(2, min(max_rungs, len(frontier)) + 1):
         for ladder in combinations(frontier, k):
             depth = min(len(outputs.exits[outputs.index[name]]) for name in ladder)
-            for first_exit in range(1, depth + 1):
-                opts = {**(options or {}), "ladder": list(ladder), "first_exit": first_exit}
-                policy = make_policy("cascade", outputs.names, outputs.flops, **opts)
+            for first_exit, start in product(range(1, depth + 1), starts):
+                chosen: dict[str, Any] = {"ladder": list(ladder), "first_exit": first_exit}
+                if searched_start:
+                    chosen["start_threshold"] = float(start)
+                policy = make_policy("cascade", outputs.names, outputs.flops, **{**(options or {}), **chosen})
                 correct, flops = cascade_outcomes(policy, correct_prob, gate, outputs, labels, thresholds)
                 cost = expected_cost(correct, flops, ref, gap, fallback, draws)
                 if cost < fallback and (best is None or cost < best[0]):
-                    best = (cost, {"ladder": list(ladder), "first_exit": first_exit})
-    return best[1] if best else {"ladder": list(frontier), "first_exit": 1}
+                    best = (cost, chosen)
+    if best:
+        return best[1]
+    return {"ladder": list(frontier), "first_exit": 1} | ({"start_threshold": float(starts[0])} if searched_start else {})

@@ -259,3 +259,24 @@ def test_expected_cost_prefers_a_margin_over_a_curve_that_only_touches_the_targe
             for name, c, f in (("touch", touch, 30.0), ("margin", margin, 40.0))}
     assert cost["margin"] == pytest.approx(40.0)
     assert cost["touch"] > 50.0
+
+
+def test_cascade_start_threshold_is_searched_when_asked_and_skipping_the_first_rung_can_lose() -> None:
+    # The router says rung 0 fails every input (0.1), so start_threshold 0.5 starts them all at
+    # w1-d2; in fact w0.5-d1 answers 8 of 10 confidently and rightly: starting everyone at the
+    # cheapest rung (start_threshold 0) reaches the full model's accuracy for less.
+    out = outputs_of({"w0.5-d1-p0": [0.99] * 8 + [0.4] * 2, "w0.5-d2-p0": [0.99] * 8 + [0.45] * 2,
+                      "w1-d1-p0": [0.99] * 10, "w1-d2-p0": [0.99] * 10})
+    labels = np.zeros(10, dtype=np.int64)
+    scores = np.tile([0.1, 0.1, 0.9, 0.9], (10, 1)), np.ones((10, 1))
+    frontier = ["w0.5-d1-p0", "w1-d1-p0"]
+    fixed = choose_cascade(*scores, out, labels, frontier, "w1-d2-p0", 0.0, CASCADE_BOUNDS)
+    assert "start_threshold" not in fixed
+    searched = choose_cascade(*scores, out, labels, frontier, "w1-d2-p0", 0.0, CASCADE_BOUNDS,
+                              start_thresholds=[0.5, 0.0])
+    assert searched == {"ladder": frontier, "first_exit": 1, "start_threshold": 0.0}
+    cost = {}
+    for name, opts in (("fixed", fixed), ("searched", searched)):
+        table = calibrate(*scores, out, labels, 1, 100, {"cascade": {"start_threshold": 0.5, **opts}})
+        cost[name] = table.solve(Budget(target_accuracy=1.0)).point.mean_flops
+    assert cost["searched"] < cost["fixed"]

@@ -73,3 +73,15 @@ def test_version_prints_the_installed_package_version() -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"dynaroute {importlib.metadata.version('dynaroute')}"
+
+
+def test_text_training_takes_fractional_epochs_and_tabular_refuses_them_in_one_line(tmp_path) -> None:
+    args = build_parser().parse_args(["train", "sst2", "--out", "b", "--epochs", "2.5", "--data", "d"])
+    from dynaroute.training.sst2 import config_from_args
+
+    assert config_from_args(args).epochs == 2.5
+    done = subprocess.run([sys.executable, "-m", "dynaroute", "train", "digits", "--out", str(tmp_path / "b"),
+                           "--epochs", "1.5"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--epochs must be a whole number" in done.stderr
+    assert not (tmp_path / "b").exists()
