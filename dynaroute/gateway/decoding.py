@@ -79,6 +79,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         self._per_message = frozenset(per_message)
         self._on_undecodable = on_undecodable
         self._log = RateLimitedLog(log, interval_s)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method -> (its, ours)
         for api in (*self._apis.values(), "other"):
             metrics.UNDECODABLE.labels(api)  # at zero from the start, so rate() sees the first one
 
@@ -101,6 +102,17 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method
+        # The wrapped handler depends only on the method and its handler (the same object on
+        # every call of a method): made once, not three closures and a handler per call.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` taking raw bytes and decoding them itself (see the module docstring)."""
         deserialize = handler.request_deserializer
         per_message = method in self._per_message
 

@@ -58,6 +58,7 @@ class ExpertPool:
         subnets: Sequence[str],
         handles: Sequence[Any],
         stack: Callable[[Sequence[Any]], Any] = np.stack,
+        groups: Callable[[Sequence[Any]], list[list[int]]] | None = None,
         on_live: Callable[[int], None] | None = None,
         probe_interval_s: float = 0.05,
     ):
@@ -65,6 +66,7 @@ class ExpertPool:
         self.subnets = tuple(subnets)
         self.replicas = [Replica(h) for h in handles]
         self._stack = stack  # the input codec's: one-example rows -> the batch an expert takes
+        self._groups = groups  # the input codec's: one subnet's rows -> the batches they run as
         self._on_live = on_live
         self._probe_interval_s = probe_interval_s
         self._probes: set[asyncio.Task] = set()
@@ -110,12 +112,19 @@ class ExpertPool:
                 replica.inflight -= 1
 
     async def run_items(self, items: list[ExpertItem]) -> list[ExpertRowResult]:
-        """The batcher's call: group rows by subnet, one actor call, split the answers back."""
+        """The batcher's call: group rows by subnet (and within a subnet as the codec splits them:
+        text by length), one actor call, split the answers back."""
         by_subnet: dict[str, list[int]] = {}
         for i, (subnet, *_) in enumerate(items):
             by_subnet.setdefault(subnet, []).append(i)
-        groups = []
+        split: list[tuple[str, list[int]]] = []
         for subnet, idx in by_subnet.items():
+            if self._groups is None or len(idx) == 1:
+                split.append((subnet, idx))
+            else:
+                split += [(subnet, [idx[j] for j in g]) for g in self._groups([items[i][1] for i in idx])]
+        groups = []
+        for subnet, idx in split:
             rows = self._stack([items[i][1] for i in idx])
             bounds = np.fromiter((items[i][2] for i in idx), dtype=np.float32, count=len(idx))
             if np.isinf(bounds).all():
@@ -125,7 +134,7 @@ class ExpertPool:
                                                                  count=len(idx))))
         outputs = await self.call(groups)
         results: list[ExpertRowResult | None] = [None] * len(items)
-        for idx, (logits, depth, flops) in zip(by_subnet.values(), outputs, strict=True):
+        for (_, idx), (logits, depth, flops) in zip(split, outputs, strict=True):
             for j, i in enumerate(idx):
                 results[i] = (logits[j], int(depth[j]), int(flops[j]))
         return results  # type: ignore[return-value]

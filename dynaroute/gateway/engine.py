@@ -93,6 +93,7 @@ class RayEngine:
                 a.subnets,
                 handles[a.name],
                 stack=self.codec.stack,
+                groups=self.codec.groups,
                 on_live=metrics.REPLICAS_LIVE.labels(model, a.name).set,
             )
             for a in placement.actors

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dynaroute.codec import InputSpec, Standardizer, TabularCodec, TensorCodec, TextCodec, codec_for
+from dynaroute.codec import (
+    InputSpec,
+    Standardizer,
+    TabularCodec,
+    TensorCodec,
+    TextCodec,
+    codec_for,
+    length_groups,
+)
 from dynaroute.errors import BundleError, InvalidInputError
 
 TABULAR = {"kind": "tabular", "dtype": "float32", "shape": [3], "features": ["age", "income", "flag"],
@@ -97,4 +105,31 @@ def test_text_encodes_with_the_bundles_tokenizer_and_its_rows_restack_to_the_bat
     np.testing.assert_array_equal(restacked[0], ids.numpy())
     np.testing.assert_array_equal(restacked[1], mask.numpy())
     short_ids, _ = codec.stack(encoded.rows[:1])
-    assert short_ids.shape == (1, 6)  # rows keep the batch's padding; stacking pads to the longest row
+    assert short_ids.shape == (1, 3)  # rows drop the batch's padding; stacking pads to the longest row
+
+
+def test_length_groups_cover_every_row_once_and_split_only_where_padding_costs_more_than_a_batch() -> None:
+    lengths = [40, 3, 41, 4, 3, 40, 5, 42] * 4  # short and long sentences, interleaved
+    groups = length_groups(lengths, group_cost=64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted({lengths[i] // 10 for i in g}) for g in groups] == [[0], [4]]  # the short ones apart
+    assert length_groups([10, 12, 11, 12], group_cost=64) == [[0, 2, 1, 3]]  # padding 3 positions: not worth a batch
+    assert length_groups([7], group_cost=64) == [[0]]
+    # The split is the cheapest one: padded positions plus the cost per group.
+    def cost(gs: list[list[int]], c: float) -> float:
+        return sum(len(g) * max(lengths[i] for i in g) + c for g in gs)
+    assert cost(groups, 64) <= min(cost([list(range(len(lengths)))], 64), cost([[i] for i in range(len(lengths))], 64))
+
+
+def test_text_rows_of_an_expert_call_are_grouped_by_length() -> None:
+    from dynaroute.experts.bert import default_checkpoint
+
+    codec = codec_for({"kind": "text", "max_length": 48, "tokenizer": "tokenizer.json"}, default_checkpoint())
+    short, long = "fine", " ".join(["a long and winding sentence that goes on"] * 5)
+    rows = codec.encode([short, long] * 8).rows
+    groups = codec.groups(rows)
+    assert sorted(map(sorted, groups)) == [list(range(0, 16, 2)), list(range(1, 16, 2))]
+    ids, mask = codec.stack([rows[i] for i in groups[0]])
+    assert ids.shape == (8, 3) and mask.all()  # the short sentences' batch is not padded to the long ones'
+    tensor = codec_for({"kind": "tensor", "dtype": "float32", "shape": [2]})
+    assert tensor.groups([np.zeros(2)] * 3) == [[0, 1, 2]]

@@ -3,8 +3,10 @@ when its expert is down."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import numpy as np
 import pytest
 
 from dynaroute.config import EngineConfig, PlacementConfig
@@ -55,3 +57,35 @@ def test_fallback_is_the_nearest_available_subnet_by_flops_on_the_same_path():
     assert d.resolve("b-p1") == "a-p1"  # never another path
     assert d.resolve("a-p0") == "a-p0"
     assert d.resolve("a-p0", exclude={"small"}) is None  # nothing left on path 0
+
+
+class _Remote:
+    """A replica's `run_groups.remote` for the pool (no Ray in unit tests): each group's answer is
+    its rows' first values as logits, its group size as depth and its subnet's length as FLOPs."""
+
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+
+    async def remote(self, groups: list) -> list:
+        self.calls.append(groups)
+        return [(rows[:, :1].astype(np.float32), np.full(len(rows), len(rows)), np.full(len(rows), len(subnet)))
+                for subnet, rows, _, _ in groups]
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self.run_groups = _Remote()
+
+
+def test_rows_split_into_groups_by_the_codec_go_in_one_call_and_come_back_in_order():
+    handle = _Handle()
+    # The codec's split: rows whose value is below 5 apart from the others.
+    pool = ExpertPool("e", ["a-p0", "bb-p0"], [handle], groups=lambda rows: [
+        [i for i, r in enumerate(rows) if r[0] < 5], [i for i, r in enumerate(rows) if r[0] >= 5]])
+    values = [1, 7, 2, 8, 9, 3]
+    items = [("a-p0" if v != 3 else "bb-p0", np.array([v]), np.inf, 1) for v in values]
+    results = asyncio.run(pool.run_items(items))
+    assert [float(r[0][0]) for r in results] == values
+    assert [r[1] for r in results] == [2, 3, 2, 3, 3, 1]  # group sizes: {1, 2}, {7, 8, 9}, {3} alone
+    assert [r[2] for r in results] == [4, 4, 4, 4, 4, 5]
+    assert len(handle.run_groups.calls) == 1 and len(handle.run_groups.calls[0]) == 3
