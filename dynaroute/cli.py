@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None,
                    help="join the Ray cluster at HOST:PORT (default: start a local Ray of its own, on 127.0.0.1)")
     p.add_argument("--placement", default=None, help="JSON file mapping subnets to actors and resources "
-                   "(default: the subnets dealt by cost onto two actors of 0.25 CPU)")
+                   "(default: every subnet on two replicas of one expert actor of 0.25 CPU each)")
     p.add_argument("--backend", choices=["torch", "onnx", "int8"], default=None,
                    help="expert backend (default: the one the bundle was exported for, else torch); a placement "
                         "actor's own `backend` wins")

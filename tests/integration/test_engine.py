@@ -43,7 +43,10 @@ def local_ray():
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(local_ray, digits_bundle_dir: Path):
-    eng = await RayEngine.start(digits_bundle_dir, EngineConfig())
+    # Subnets dealt onto actors of one replica each: the fallback tests kill an expert's only replica
+    # (the default placement's replicas cover for each other: test_replicas_share_load_...).
+    subnets = [(s["name"], int(s["flops"])) for s in Bundle.load(digits_bundle_dir).subnet_infos]
+    eng = await RayEngine.start(digits_bundle_dir, EngineConfig(placement=PlacementConfig.dealt(subnets)))
     yield eng
     await eng.close()
 

@@ -15,8 +15,16 @@ from dynaroute.gateway.dispatch import Dispatcher, ExpertPool
 FLOPS = {"a-p0": 10, "b-p0": 100, "c-p0": 300, "d-p0": 1000, "a-p1": 12, "b-p1": 900}
 
 
-def test_default_placement_deals_subnets_by_cost_onto_few_fractional_actors():
+def test_default_placement_puts_every_subnet_on_every_replica_so_any_budget_uses_every_actor():
     p = PlacementConfig.default(list(FLOPS.items()), num_actors=2, num_cpus=0.25)
+    (actor,) = p.actors
+    assert actor.subnets == ("a-p0", "a-p1", "b-p0", "c-p0", "b-p1", "d-p0")  # cheapest first
+    assert actor.replicas == 2 and actor.num_cpus == 0.25
+    p.check_subnets(list(FLOPS))
+
+
+def test_dealt_placement_deals_subnets_by_cost_onto_few_fractional_actors():
+    p = PlacementConfig.dealt(list(FLOPS.items()), num_actors=2, num_cpus=0.25)
     assert [a.subnets for a in p.actors] == [("a-p0", "b-p0", "b-p1"), ("a-p1", "c-p0", "d-p0")]
     assert all(a.num_cpus == 0.25 and a.replicas == 1 for a in p.actors)
     p.check_subnets(list(FLOPS))
