@@ -143,9 +143,11 @@ class SloConfig:
     requests that allow lowering (none: budgets are always served as asked).
 
     The controller lowers while the watched queue delay is at least `lower_at` times the
-    objective (faster the further above), and restores, by `restore_per_s` of its range per
-    second, once the delay is at most `restore_at` times the objective and nothing was lowered
-    for `hold_s`: the band between the two and the hold are the hysteresis. `lower_at` stays
+    objective (faster the further above; a queue's delay counts what arrivals beyond its drain
+    rate add over `lookahead` times the objective), and restores, by `restore_per_s` of its
+    range per second, once the delay is at most `restore_at` times the objective, nothing was
+    lowered for `hold_s` and the request rate is at most `restore_load` times the one it last
+    lowered at: the band between the two, the hold and the load are the hysteresis. `lower_at` stays
     well below admission control's 0.9 of the time left, so that budgets are lowered before
     anyone is refused."""
 
@@ -155,6 +157,8 @@ class SloConfig:
     hold_s: float = 2.0
     lower_per_s: float = 20.0  # level per second at a delay of twice `lower_at` (proportional to the delay)
     restore_per_s: float = 0.5
+    lookahead: float = 0.5  # how far ahead (x objective) arrivals beyond the drain rate count as delay
+    restore_load: float = 0.75  # restore only at this share of the request rate last lowered at, or less
     tick_ms: float = 20.0  # how often the controller looks at the queues
     deadline_window_s: float = 2.0  # how long a request's deadline counts towards the objective
 
@@ -165,8 +169,8 @@ class SloConfig:
         ):
             raise ValueError(f"SloConfig.objective_ms must be a number of milliseconds > 0 or None, "
                              f"got {self.objective_ms!r}")
-        for name in ("lower_at", "restore_at", "hold_s", "lower_per_s", "restore_per_s", "tick_ms",
-                     "deadline_window_s"):
+        for name in ("lower_at", "restore_at", "hold_s", "lower_per_s", "restore_per_s", "lookahead",
+                     "restore_load", "tick_ms", "deadline_window_s"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"SloConfig.{name} must be a number >= 0, got {v!r}")

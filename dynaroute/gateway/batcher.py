@@ -109,6 +109,11 @@ class MicroBatcher(Generic[T, R]):
         return self._inflight
 
     @property
+    def arrivals(self) -> int:
+        """Items queued since the start (admitted ones): the SLO controller's arrival rate."""
+        return self._arrivals
+
+    @property
     def idle(self) -> bool:
         """Nothing waiting and no call running."""
         return not self._waiting and self._inflight == 0

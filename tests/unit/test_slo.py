@@ -35,16 +35,25 @@ class SyntheticQueue:
     def __init__(self, capacity: float):
         self.capacity = capacity
         self.work = 0.0
+        self.arrivals = 0  # requests queued so far
+        self.cost = FULL  # FLOPs of the last requests queued: its drain rate in requests per second
 
     @property
     def queue_depth(self) -> int:  # requests waiting: some while there is work
         return int(self.work > 0)
 
+    @property
+    def drain_rate(self) -> float:
+        return self.capacity / self.cost
+
     def backlog_s(self) -> float:
         return self.work / self.capacity
 
-    def step(self, arrived_flops: float, dt: float) -> None:
+    def step(self, arrived_flops: float, dt: float, n: int = 0) -> None:
         self.work = max(0.0, self.work + arrived_flops - self.capacity * dt)
+        self.arrivals += n
+        if n:
+            self.cost = arrived_flops / n
 
 
 def table() -> CalibrationTable:
@@ -73,7 +82,7 @@ def simulate(ctl: SloController, queue: SyntheticQueue, budget: Budget, phases: 
             for c in chosen:
                 assert c.got.accuracy >= (budget.min_accuracy or 0.0) - 1e-12
                 ctl.served(c, queue.backlog_s())
-            queue.step(sum(c.got.mean_flops for c in chosen), dt)
+            queue.step(sum(c.got.mean_flops for c in chosen), dt, n)
             t += dt
             ctl.update(t)
             log.append({"t": t, "level": ctl.level, "wait": queue.backlog_s(),
@@ -236,3 +245,53 @@ def test_floors_and_config_are_checked() -> None:
         SloConfig(objective_ms=0)
     with pytest.raises(ValueError, match="EngineConfig.slo"):
         EngineConfig(slo=250)  # type: ignore[arg-type]
+
+
+def test_lowers_as_soon_as_arrivals_outpace_the_drain_before_the_delay_builds() -> None:
+    """At 3x the full model's rate the queue's backlog grows by 2 s per second: the controller
+    acts on the arrivals against the drain rate, before the backlog alone reaches `lower_at`."""
+    capacity = 20 * FULL
+    queue = SyntheticQueue(capacity)
+    ctl = controller(queue, objective_ms=1000.0)  # lower_at 0.4: 400 ms of backlog on its own
+    budget = Budget(quality=1.0, min_accuracy=0.88)
+    log = simulate(ctl, queue, budget, [(10, 3.0), (60, 1.0)])
+    first = next(r for r in log if r["level"] > 0)
+    assert first["t"] > 3.0, "lowered at half the capacity"
+    assert first["wait"] < 0.4 * 1.0  # the backlog is still below lower_at x objective
+    assert max(r["wait"] for r in log) < 0.9 * 1.0  # admission control's 90% is never reached
+
+
+def test_holds_while_the_load_that_lowered_it_lasts_then_restores() -> None:
+    """Once the cheaper points keep up with a burst, the queue is empty and the delay low: the
+    controller does not restore while the burst lasts (it would fall behind again, and refuse),
+    only after it. A budget without a floor in the same burst is served as asked throughout."""
+    queue = SyntheticQueue(20 * FULL)
+    ctl = controller(queue, hold_s=1.0)
+    budget = Budget(quality=1.0, min_accuracy=0.88)
+    log = simulate(ctl, queue, budget, [(10, 2.0), (60, 8.0), (10, 8.0)])
+    burst, after = log[200:1000], log[1000:]
+    top = max(range(len(burst)), key=lambda i: burst[i]["level"])
+    assert burst[top]["level"] > 0.5
+    assert all(r["level"] >= burst[top]["level"] - 1e-9 for r in burst[top:]), "restored during the burst"
+    assert max(r["wait"] for r in burst) < 0.9 * 0.25
+    assert after[-1]["level"] == 0.0
+    fixed = Budget(quality=1.0)
+    asked = ctl.calibration.solve(fixed).point
+    ctl.level = 1.0
+    assert all(not ctl.choose(fixed, asked).lowered for _ in range(100))
+
+
+def test_a_slowdown_at_an_unchanged_load_restores_when_it_passes() -> None:
+    """Lowered because the queue slowed (a busy machine), not because more arrived: the load is
+    the one served as asked before, so the level comes back once the queue keeps up again."""
+    queue = SyntheticQueue(20 * FULL)
+    ctl = controller(queue, hold_s=1.0)
+    budget = Budget(quality=1.0, min_accuracy=0.88)
+    simulate(ctl, queue, budget, [(10, 2.0)])
+    assert ctl.level == 0.0
+    queue.capacity = 4 * FULL  # the same 10 requests per second now take 2.5 x the queue's time
+    simulate(ctl, queue, budget, [(10, 2.0)])
+    assert ctl.level > 0.0
+    queue.capacity = 20 * FULL
+    simulate(ctl, queue, budget, [(10, 8.0)])
+    assert ctl.level == 0.0
