@@ -29,7 +29,8 @@ its reply comes), one round of 32 to warm up before each run. The systems:
 
 The in-process systems and the Ray Serve replica use --threads torch / ONNX Runtime threads
 (default: torch's default, one per core), as a user's would; dynaroute's experts run one thread
-each on two actors (its default placement). Every server is started once and stays up; each
+each on the two replicas of its default placement (every subnet on both, so every route can use
+both cores). Every server is started once and stays up; each
 repeat runs every system once, in turn (the machine's load drifts; alternating keeps every
 system under the same drift), and the medians over repeats are reported. The servers at rest
 beside a run cost it a little CPU (the idle CPU column); --one-server-at-a-time starts each

@@ -95,6 +95,7 @@ def fit_router(
     calibration_note: str = "",
     ladder_gap: float | None = None,
     thresholds: dict[str, np.ndarray] | None = None,
+    cascade_start_thresholds: list[float] | None = None,
 ) -> dict[str, Any]:
     """Train `router` (supervised; and, given `joint_config`, the joint fine-tune on copies for
     comparison), calibrate on "val", write router.safetensors into `out`, and return the
@@ -109,6 +110,8 @@ def fit_router(
     the full model's calibration accuracy minus this gap most cheaply (robustly: in expectation
     over bootstrap resamples of the rows).
     thresholds: policy name -> the thresholds to sweep (default: `default_thresholds`).
+    cascade_start_thresholds: with `ladder_gap`, the cascade's start thresholds searched with its
+    ladder (default: the policy's own start_threshold only).
     """
     train_config = train_config or RouterTrainConfig()
     policies = policies or DEFAULT_POLICIES
@@ -134,7 +137,7 @@ def fit_router(
         frontier = pareto_ladder(names, [int(r["flops"]) for r in subnets], val_acc)
         policies["cascade"].update(choose_cascade(
             *val_scores, val_out, cal_labels, frontier, full, ladder_gap, (thresholds or {}).get("cascade"),
-            policies["cascade"]))
+            policies["cascade"], start_thresholds=cascade_start_thresholds))
     table = calibrate(*val_scores, val_out, cal_labels, router_flops, full_flops, policies, thresholds, reference=full)
     supervised_s = time.perf_counter() - started
     comparison = {"supervised": {

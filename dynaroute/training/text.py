@@ -344,7 +344,7 @@ def fit_text_router(
         model, inputs, probs, labels, subnets, out,
         router, TextRouter.family, config.to_dict(), train_config=RouterTrainConfig(epochs=60, lr=3e-3),
         progress=progress, calibration_rows=rows, calibration_note=note, ladder_gap=NEAR_FULL_POINTS,
-        thresholds={"cascade": CASCADE_BOUNDS},
+        thresholds={"cascade": CASCADE_BOUNDS}, cascade_start_thresholds=CASCADE_START_THRESHOLDS,
     )
 
 
@@ -362,6 +362,12 @@ NEAR_FULL_POINTS = 0.005
 # default 0.05 steps are too coarse to place an operating point; 0.01 steps, plus the tail.
 CASCADE_BOUNDS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 21), np.linspace(0.5, 0.99, 50),
                                            1.0 - np.logspace(-6, -1, 21)]))
+
+# The cascade's start thresholds searched with its ladder: 0 starts every sentence at the first
+# rung; 0.5 lets the router skip it for sentences it expects the first rung to fail. A mean-pooled
+# bag of words tells little of which sentences those are, so where it misjudges, starting every
+# row at the bottom and escalating on the rung's own confidence is cheaper.
+CASCADE_START_THRESHOLDS = [0.0, 0.5]
 
 # At most this many unused training rows join the calibration rows (evaluating every subnet and
 # exit on them costs about a minute per thousand sentences on one CPU thread).
