@@ -76,6 +76,7 @@ class MicroBatcher(Generic[T, R]):
         name: str = "",
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
+        cost: Callable[[T], float] | None = None,
     ):
         if max_batch_size < 1 or max_queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_wait_ms >= 0")
@@ -99,6 +100,14 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         self._rate: float | None = None  # items per second per call slot, measured (None: no batch yet)
         self._inflight_items = 0  # items in the calls running
+        # What an item costs to run, relative to others (e.g. its subnet's FLOPs; default 1 each).
+        # The backlog and admission are judged in cost, at a drain rate measured in cost: where one
+        # queue holds cheap and dear items, a count of items at a rate measured on dear batches
+        # would refuse cheap ones that would be answered in time.
+        self._cost = cost or (lambda _item: 1.0)
+        self._cost_rate: float | None = None  # cost per second per call slot, measured
+        self._waiting_cost = 0.0
+        self._inflight_cost = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -133,18 +142,22 @@ class MicroBatcher(Generic[T, R]):
         own batch, behind the calls running, at the measured drain rate (0 before anything was
         measured). The first item of a flow waits for one item of each flow ahead (round
         robin); a later one of a flow, for everything waiting (a bound, cheap to compute)."""
-        rate = self.drain_rate
+        rate = self._drain_cost_rate()
         if not rate:
             return 0.0
         ahead = self._waiting if flow is not None and flow in self._flows else len(self._flows)
-        return (self._inflight_items + ahead + min(self._waiting + 1, self.max_batch_size)) / rate
+        mean = self._waiting_cost / self._waiting if self._waiting else self._inflight_cost / max(self._inflight_items, 1)
+        return (self._inflight_cost + mean * (ahead + min(self._waiting + 1, self.max_batch_size))) / rate
 
     def backlog_s(self) -> float:
         """How long the work ahead of an item queued now would take at the measured drain rate
         (every item waiting and running; no own batch): the queue's delay (0 before anything was
         measured). Read by the SLO controller."""
-        rate = self.drain_rate
-        return (self._inflight_items + self._waiting) / rate if rate else 0.0
+        rate = self._drain_cost_rate()
+        return (self._inflight_cost + self._waiting_cost) / rate if rate else 0.0
+
+    def _drain_cost_rate(self) -> float | None:
+        return None if self._cost_rate is None else self._cost_rate * self._limit()
 
     def late_by_backlog(self, deadline: float, flow: Hashable | None = None) -> str | None:
         """Why an item with this deadline would be refused now (None: admit it). Only work
@@ -176,6 +189,7 @@ class MicroBatcher(Generic[T, R]):
         fut = asyncio.get_running_loop().create_future()
         self._flows.setdefault(fut if flow is None else flow, deque()).append((item, fut, time.perf_counter()))
         self._waiting += 1
+        self._waiting_cost += self._cost(item)
         self._arrivals += 1
         self._depth_changed()
         if self._waiting >= self.max_batch_size:
@@ -228,6 +242,7 @@ class MicroBatcher(Generic[T, R]):
                 return
             self._inflight += 1
             self._inflight_items += len(batch)
+            self._inflight_cost += self._batch_cost(batch)
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -246,6 +261,7 @@ class MicroBatcher(Generic[T, R]):
             entries = self._flows.pop(flow)
             entry = entries.popleft()
             self._waiting -= 1
+            self._waiting_cost = max(0.0, self._waiting_cost - self._cost(entry[0])) if self._waiting else 0.0
             if entries:
                 self._flows[flow] = entries  # to the back of the turn
             if not entry[1].done():  # skip callers that gave up (deadline, cancellation)
@@ -262,7 +278,8 @@ class MicroBatcher(Generic[T, R]):
                 results: Sequence[R | BaseException] = await self._run_batch([e[0] for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
-                self._measure(len(batch), time.perf_counter() - start)  # a failed call says nothing of the rate
+                # a failed call says nothing of the rate
+                self._measure(len(batch), self._batch_cost(batch), time.perf_counter() - start)
             except asyncio.CancelledError:
                 for _, fut, _ in batch:
                     if not fut.done():
@@ -281,13 +298,19 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self._inflight -= 1
             self._inflight_items -= len(batch)
+            self._inflight_cost = max(0.0, self._inflight_cost - self._batch_cost(batch)) if self._inflight else 0.0
             if self._waiting and not self._closed:
                 self._flush_if_allowed()
 
-    def _measure(self, n: int, call_s: float) -> None:
-        """Fold one returned batch into the drain rate (items per second of one call slot)."""
-        sample = n / max(call_s, 1e-6)
-        self._rate = sample if self._rate is None else (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample
+    def _batch_cost(self, batch: list[_Entry[T]]) -> float:
+        return sum(self._cost(e[0]) for e in batch)
+
+    def _measure(self, n: int, cost: float, call_s: float) -> None:
+        """Fold one returned batch into the drain rates (items, and cost, per second of one call slot)."""
+        seconds = max(call_s, 1e-6)
+        for attr, sample in (("_rate", n / seconds), ("_cost_rate", cost / seconds)):
+            old = getattr(self, attr)
+            setattr(self, attr, sample if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * sample)
 
     async def close(self) -> None:
         """Refuse new items, fail queued ones with UnavailableError, cancel running calls."""
@@ -295,7 +318,7 @@ class MicroBatcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        flows, self._flows, self._waiting = self._flows, {}, 0
+        flows, self._flows, self._waiting, self._waiting_cost = self._flows, {}, 0, 0.0
         for entries in flows.values():
             for _, fut, _ in entries:
                 if not fut.done():

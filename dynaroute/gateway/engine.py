@@ -114,6 +114,9 @@ class RayEngine:
                 name=f"expert {pool.name}",
                 on_batch=metrics.BATCH_SIZE.labels(model, pool.name).observe,
                 on_queue_depth=metrics.QUEUE_DEPTH.labels(model, pool.name).set,
+                # one queue may hold rows of every subnet (the default placement): judge its
+                # backlog by their FLOPs, not their count
+                cost=lambda item, f=self.dispatcher.subnet_flops: float(f[item[0]]),
             )
         self._router_batch_size = metrics.BATCH_SIZE.labels(model, "router")
         self._router_batcher: MicroBatcher[_RouterItem, _Routed] = MicroBatcher(

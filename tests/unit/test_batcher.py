@@ -249,3 +249,35 @@ async def test_the_first_item_of_a_new_flow_is_judged_by_the_flows_ahead_not_eve
     assert b.expected_wait_s() < 0.1 < b.expected_wait_s(flow="big")
     assert (await b.submit(7, deadline=time.monotonic() + 0.3)).value == 7
     await asyncio.gather(*rows)
+
+
+class CostTimed:
+    """A batch function whose call lasts 1 ms per unit of its items' cost (an item's value)."""
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        await asyncio.sleep(0.001 * sum(items))
+        return items
+
+
+async def test_backlog_is_judged_in_cost_so_cheap_items_behind_cheap_items_are_not_refused():
+    # The drain rate is measured on dear items (cost 10); then 40 cheap ones (cost 1) wait. Counted
+    # as items at the dear rate they are ~0.4 s of work; in cost, ~0.04 s.
+    async def backlog_then_ask(b: MicroBatcher) -> tuple[float, list]:
+        await asyncio.gather(*(b.submit(10) for _ in range(4)))
+        waiting = [asyncio.ensure_future(b.submit(1)) for _ in range(40)]
+        await asyncio.sleep(0)
+        return b.backlog_s(), waiting
+
+    by_count = make(CostTimed(), max_batch_size=4, max_queue_size=1000)
+    seconds, waiting = await backlog_then_ask(by_count)
+    assert seconds >= 0.2
+    with pytest.raises(OverloadedError, match="ms of work"):
+        await by_count.submit(1, deadline=time.monotonic() + 0.2)
+    await asyncio.gather(*waiting)
+
+    by_cost = make(CostTimed(), max_batch_size=4, max_queue_size=1000, cost=float)
+    seconds, waiting = await backlog_then_ask(by_cost)
+    assert seconds < 0.1
+    assert (await by_cost.submit(1, deadline=time.monotonic() + 0.2)).value == 1  # admitted
+    await asyncio.gather(*waiting)
+    assert by_cost.backlog_s() == 0.0  # nothing left: no cost leaks in the accounting
