@@ -167,6 +167,8 @@ def main() -> int:
     parser.add_argument("--low-s", type=float, default=4.0)
     parser.add_argument("--burst-s", type=float, default=8.0)
     parser.add_argument("--after-s", type=float, default=6.0)
+    parser.add_argument("--backend", choices=["torch", "onnx", "int8"], default=None,
+                        help="the experts' backend (default: the bundle's)")
     parser.add_argument("--fixed-quality", type=float, default=0.5)
     parser.add_argument("--floor-quality", type=float, default=0.5)
     parser.add_argument("--capacity-n", type=int, default=600)
@@ -183,7 +185,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     slo_ms = max(args.deadlines) * 1e3
     report: dict[str, Any] = {"bundle": args.bundle, "args": vars(args)}
-    with served(Path(args.bundle), ["--slo-ms", f"{slo_ms:g}"]) as address:
+    backend = ["--backend", args.backend] if args.backend else []
+    with served(Path(args.bundle), ["--slo-ms", f"{slo_ms:g}", *backend]) as address:
         full_request = {"subnet": bundle.full_subnet}
 
         def request_of(server: str):
