@@ -146,7 +146,10 @@ class MicroBatcher(Generic[T, R]):
         if not rate:
             return 0.0
         ahead = self._waiting if flow is not None and flow in self._flows else len(self._flows)
-        mean = self._waiting_cost / self._waiting if self._waiting else self._inflight_cost / max(self._inflight_items, 1)
+        if self._waiting:
+            mean = self._waiting_cost / self._waiting
+        else:
+            mean = self._inflight_cost / max(self._inflight_items, 1)
         return (self._inflight_cost + mean * (ahead + min(self._waiting + 1, self.max_batch_size))) / rate
 
     def backlog_s(self) -> float:

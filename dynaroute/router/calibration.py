@@ -30,8 +30,8 @@ table that meet the floor), which the SLO controller of the gateway does.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -401,4 +401,7 @@ def choose_cascade(
                     best = (cost, chosen)
     if best:
         return best[1]
-    return {"ladder": list(frontier), "first_exit": 1} | ({"start_threshold": float(starts[0])} if searched_start else {})
+    fallback_options: dict[str, Any] = {"ladder": list(frontier), "first_exit": 1}
+    if searched_start:
+        fallback_options["start_threshold"] = float(starts[0])
+    return fallback_options
