@@ -315,10 +315,9 @@ class TextCodec(InputCodec):
         """(ids, mask) rows padded to the longest: ids with the tokenizer's pad id (0 without
         one), the mask with zeros; so that the rows of one `encode` restack to its batch."""
         width = max(r[0].shape[-1] for r in rows)
-        pads = (0 if self.encoder is None else self.encoder.pad_id, 0)
         parts = []
-        for k in range(len(rows[0])):
-            out = np.full((len(rows), width), pads[k] if k < len(pads) else 0, dtype=rows[0][k].dtype)
+        for k, pad in enumerate((0 if self.encoder is None else self.encoder.pad_id, 0)):  # ids, mask
+            out = np.full((len(rows), width), pad, dtype=rows[0][k].dtype)
             for i, r in enumerate(rows):
                 out[i, : r[k].shape[-1]] = r[k]
             parts.append(out)

@@ -245,8 +245,9 @@ class MicroBatcher(Generic[T, R]):
                 return
             self._inflight += 1
             self._inflight_items += len(batch)
-            self._inflight_cost += self._batch_cost(batch)
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            cost = sum(self._cost(e[0]) for e in batch)  # once per batch: counted in, measured, counted out
+            self._inflight_cost += cost
+            task = asyncio.get_running_loop().create_task(self._run(batch, cost))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # Send a second batch at once only if the queue still holds a full one.
@@ -272,7 +273,7 @@ class MicroBatcher(Generic[T, R]):
         self._depth_changed()
         return batch
 
-    async def _run(self, batch: list[_Entry[T]]) -> None:
+    async def _run(self, batch: list[_Entry[T]], cost: float) -> None:
         start = time.perf_counter()
         try:
             if self._on_batch is not None:
@@ -282,7 +283,7 @@ class MicroBatcher(Generic[T, R]):
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} got {len(results)} results")
                 # a failed call says nothing of the rate
-                self._measure(len(batch), self._batch_cost(batch), time.perf_counter() - start)
+                self._measure(len(batch), cost, time.perf_counter() - start)
             except asyncio.CancelledError:
                 for _, fut, _ in batch:
                     if not fut.done():
@@ -301,12 +302,9 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self._inflight -= 1
             self._inflight_items -= len(batch)
-            self._inflight_cost = max(0.0, self._inflight_cost - self._batch_cost(batch)) if self._inflight else 0.0
+            self._inflight_cost = max(0.0, self._inflight_cost - cost) if self._inflight else 0.0
             if self._waiting and not self._closed:
                 self._flush_if_allowed()
-
-    def _batch_cost(self, batch: list[_Entry[T]]) -> float:
-        return sum(self._cost(e[0]) for e in batch)
 
     def _measure(self, n: int, cost: float, call_s: float) -> None:
         """Fold one returned batch into the drain rates (items, and cost, per second of one call slot)."""
