@@ -148,8 +148,11 @@ async def test_steady_arrivals_are_batched_but_wait_at_most_about_max_wait():
     rec = Recorder()
     b = make(rec, max_batch_size=10_000, max_wait_ms=5.0, max_queue_size=100_000)
     futs = []
-    end = time.perf_counter() + 0.06
-    while time.perf_counter() < end:  # new requests on every loop turn: the loop is never idle
+    # New requests on every loop turn (the loop is never idle) until three batches went, or 2 s
+    # passed: bounded by batches rather than a fixed window, so that a slow machine, whose first
+    # turns may take longer than a short window, does not decide the outcome.
+    end = time.perf_counter() + 2.0
+    while len(rec.batches) < 3 and time.perf_counter() < end:
         futs.extend(asyncio.ensure_future(b.submit(1)) for _ in range(3))
         await asyncio.sleep(0)
     results = await asyncio.gather(*futs)
